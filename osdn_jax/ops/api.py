@@ -1,0 +1,145 @@
+"""The ops front door: ``delta_rule``, ``osdn_preconditioner`` and ``osdn``.
+
+Layouts: ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta, log_decay, log_gamma [B, T, H]``,
+states ``[B, H, K, V]`` (fp32), ``d0 [H, K]``, ``d [B, T, H, K]``, ``segment_ids [B, T]``.
+
+``impl`` chooses the path:
+
+- ``"reference"``: ``lax.scan`` token by token (the oracle);
+- ``"chunked"``: the chunkwise WY/UT form in plain JAX (any backend, differentiable);
+- ``"pallas"``: the Pallas kernels (not built yet: refused);
+- ``"auto"``: the best path tested for the current backend and arguments (today: ``"chunked"``).
+
+Dispatch fails closed: a path runs only for the arguments its tests cover.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+from osdn_jax.ops import checks
+from osdn_jax.ops.chunked import delta_rule_chunked, osdn_chunked
+from osdn_jax.ops.preconditioner import preconditioner_scan
+from osdn_jax.ops.reference import PreconditionerConfig, delta_rule_reference, osdn_reference
+
+IMPLS = ("auto", "reference", "chunked", "pallas")
+
+_delta_rule_reference = jax.jit(delta_rule_reference, static_argnames=("scale",))
+_delta_rule_chunked = jax.jit(delta_rule_chunked, static_argnames=("scale", "chunk_size"))
+_osdn_reference = jax.jit(osdn_reference, static_argnames=("precond", "scale"))
+_osdn_chunked = jax.jit(osdn_chunked, static_argnames=("precond", "scale", "chunk_size"))
+_preconditioner = jax.jit(preconditioner_scan, static_argnames=("eta", "d_min", "d_max"))
+
+
+def _choose_impl(impl: str) -> str:
+    checks.check_impl(impl, IMPLS)
+    if impl == "pallas":
+        raise NotImplementedError(
+            "impl='pallas': the Pallas kernels are not built yet; use impl='chunked' (or 'auto')"
+        )
+    if impl == "auto":
+        return "chunked"
+    return impl
+
+
+def _scale(scale, K: int) -> float:
+    return K**-0.5 if scale is None else checks.static_float("scale", scale)
+
+
+def _precond_config(eta, d_min, d_max, beta_aware) -> PreconditionerConfig:
+    eta = checks.static_float("eta", eta, minimum=0.0)
+    d_min = checks.static_float("d_min", d_min, allow_none=True)
+    d_max = checks.static_float("d_max", d_max, allow_none=True)
+    if d_min is not None and d_max is not None and d_min > d_max:
+        raise ValueError(f"d_min, d_max: expected d_min <= d_max, got d_min={d_min}, d_max={d_max}")
+    return PreconditionerConfig(eta=eta, d_min=d_min, d_max=d_max, beta_aware=bool(beta_aware))
+
+
+def _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size):
+    B, T, H, K, V = checks.check_qkv(q, k, v)
+    checks.check_float("beta", beta, (B, T, H), "[B, T, H]")
+    checks.check_optional("log_decay", log_decay, (B, T, H), "[B, T, H]")
+    checks.check_state("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+    checks.check_segment_ids(segment_ids, B, T)
+    checks.check_chunk_size(chunk_size)
+    return B, T, H, K, V
+
+
+def delta_rule(q, k, v, beta, *, write_key=None, log_decay=None, scale=None, initial_state=None,
+               segment_ids=None, output_final_state=False, chunk_size=64, impl="auto"):
+    """DeltaNet; Gated DeltaNet with ``log_decay`` (``S ← exp(g_t) S`` before the write); the
+    two-key rule (OSDN phase 2) with ``write_key`` ``k̃ [B, T, H, K]`` (erase with k, write with k̃).
+
+    Returns ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] fp32 or None)``.
+    ``scale`` defaults to ``K ** -0.5``. ``segment_ids`` restart the state wherever the id changes.
+    """
+    B, T, H, K, V = _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size)
+    checks.check_optional("write_key", write_key, (B, T, H, K), "[B, T, H, K] like k")
+    path = _choose_impl(impl)
+    scale = _scale(scale, K)
+    if path == "reference":
+        o, S = _delta_rule_reference(q, k, v, beta, write_key=write_key, log_decay=log_decay, scale=scale,
+                                     initial_state=initial_state, segment_ids=segment_ids)
+    else:
+        o, S = _delta_rule_chunked(q, k, v, beta, write_key=write_key, log_decay=log_decay, scale=scale,
+                                   initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+    return o, (S if output_final_state else None)
+
+
+def osdn_preconditioner(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, segment_ids=None,
+                        initial_d=None):
+    """Phase 1 of OSDN: the trajectory ``d [B, T, H, K]`` (fp32; ``d[:, t]`` is the value used for
+    the write at token t) and the final ``d [B, H, K]`` (after the last token's update).
+
+    ``log_gamma`` turns on APF (γ = exp(log_gamma)); passing ``beta`` selects the β-aware
+    hypergradient ``β(1 − β⟨d, k²⟩)k²``, otherwise the code form ``(1 − ⟨d, k²⟩)k²``.
+    ``d_min``/``d_max`` may be None (no clip on that side). ``d`` restarts at ``d0`` at each
+    document start of ``segment_ids``.
+    """
+    if not hasattr(k, "ndim") or k.ndim != 4:
+        checks.fail("k", "a rank-4 array [B, T, H, K]", k)
+    B, T, H, K = k.shape
+    checks.check_float("k", k, (B, T, H, K), "[B, T, H, K]")
+    checks.check_float("d0", d0, (H, K), "[H, K] with H, K from k")
+    checks.check_optional("log_gamma", log_gamma, (B, T, H), "[B, T, H]")
+    checks.check_optional("beta", beta, (B, T, H), "[B, T, H]")
+    checks.check_segment_ids(segment_ids, B, T)
+    checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
+    cfg = _precond_config(eta, d_min, d_max, beta is not None)
+    return _preconditioner(k, d0, eta=cfg.eta, d_min=cfg.d_min, d_max=cfg.d_max, log_gamma=log_gamma,
+                           beta=beta, segment_ids=segment_ids, initial_d=initial_d)
+
+
+def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=False, log_decay=None,
+         scale=None, initial_state=None, initial_d=None, segment_ids=None, output_final_state=False,
+         chunk_size=64, impl="auto"):
+    """OSDN, both phases: the preconditioner trajectory, then the delta rule with write key d ⊙ k.
+
+    ``log_gamma [B, T, H]`` turns on APF; ``beta_aware`` selects the β-aware hypergradient;
+    ``log_decay [B, T, H]`` adds the Gated-DeltaNet decay (OS-Gated DeltaNet).
+    Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None, final_d [B, H, K] or None)``.
+    """
+    B, T, H, K, V = _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size)
+    checks.check_float("d0", d0, (H, K), "[H, K] with H, K from k")
+    checks.check_optional("log_gamma", log_gamma, (B, T, H), "[B, T, H]")
+    checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
+    cfg = _precond_config(eta, d_min, d_max, beta_aware)
+    path = _choose_impl(impl)
+    scale = _scale(scale, K)
+    kwargs = dict(precond=cfg, log_gamma=log_gamma, log_decay=log_decay, scale=scale,
+                  initial_state=initial_state, initial_d=initial_d, segment_ids=segment_ids)
+    if path == "reference":
+        o, S, d_final, _ = _osdn_reference(q, k, v, beta, d0, **kwargs)
+    else:
+        o, S, d_final = _osdn_chunked(q, k, v, beta, d0, chunk_size=chunk_size, **kwargs)
+    if not output_final_state:
+        return o, None, None
+    return o, S, d_final
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """``x / sqrt(sum(x²) + eps)`` over the last axis (SPEC §1), computed in fp32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)

@@ -1,0 +1,24 @@
+"""Packed documents: where the recurrent state restarts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """``[B, T]`` bool: True at every token whose id differs from the previous token's.
+
+    Token 0 is never a start: the initial state (or ``initial_d``) belongs to the first document.
+    """
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.pad(change, ((0, 0), (1, 0)))
+
+
+def document_index(segment_ids: jax.Array) -> jax.Array:
+    """``[B, T]`` int32: 0 for the first document of each row, +1 at each id change.
+
+    Two tokens share a document index exactly when no id change lies between them, so ids that
+    repeat later in a row (``[0, 1, 0]``) still count as three documents.
+    """
+    return jnp.cumsum(document_starts(segment_ids).astype(jnp.int32), axis=1)

@@ -1,0 +1,4 @@
+"""Training, data, checkpoints and evaluation (installed as ``osdn_jax.train``).
+
+Empty until the training issue lands.
+"""
