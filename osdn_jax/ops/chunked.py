@@ -13,11 +13,17 @@ document (else 0)::
 
 ``c_i`` is 1 while token i is still in the document that was open when the chunk began (packed
 rows reset the state inside a chunk). Zero-padded tokens (β = 0, k = 0, g = 0) are inert, so T
-need not be a multiple of C. Only the chunk-entry states go through the serial ``lax.scan``, so
-autodiff keeps T/C states, not T. Everything is computed in fp32 at HIGHEST precision.
+need not be a multiple of C. Only the chunk-entry states go through a serial ``lax.scan``.
+
+The backward is written out (``jax.custom_vjp``): it saves the inputs, ``T`` and the chunk-entry
+states (T/C states, not T), recomputes ``W, U, V'``, runs one reverse scan over chunks for the
+state cotangent and forms every other gradient per chunk in parallel. Everything is fp32 at
+HIGHEST precision.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +35,12 @@ from osdn_jax.ops.segments import document_index
 _HI = lax.Precision.HIGHEST
 
 
+def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, precision=_HI)
+
+
 def _to_chunks(x: jax.Array, C: int, pad_mode: str = "constant") -> jax.Array:
-    """``[B, T, H, ...]`` (or ``[B, T]``) → ``[N, B, H, C, ...]`` (``[N, B, C]``), fp32 unless int."""
+    """``[B, T, H, ...]`` (or ``[B, T]``) → ``[N, B, H, C, ...]`` (``[N, B, C]``)."""
     B, T = x.shape[:2]
     pad = (-T) % C
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=pad_mode)
@@ -53,34 +63,141 @@ def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-@jax.custom_vjp
 def unit_lower_inverse(A: jax.Array) -> jax.Array:
-    """``(I + A)⁻¹ [..., C, C]`` for strictly lower-triangular ``A``: a triangular solve in fp32.
-
-    The inverse is unit lower-triangular too. Its gradient is written out
-    (``dA = −strict_lower(Tᵀ dT Tᵀ)``) so the backward needs two matmuls instead of two more solves.
-    """
+    """``(I + A)⁻¹ [..., C, C]`` for strictly lower-triangular ``A``: a triangular solve in fp32."""
     eye = jnp.broadcast_to(jnp.eye(A.shape[-1], dtype=A.dtype), A.shape)
     return lax.linalg.triangular_solve(A, eye, left_side=True, lower=True, unit_diagonal=True)
-
-
-def _unit_lower_inverse_fwd(A):
-    T = unit_lower_inverse(A)
-    return T, T
-
-
-def _unit_lower_inverse_bwd(T, dT):
-    Tt = jnp.swapaxes(T, -1, -2)
-    dA = -jnp.matmul(jnp.matmul(Tt, dT, precision=_HI), Tt, precision=_HI)
-    return (jnp.tril(dA, -1),)
-
-
-unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def chunk_size_for(T: int, chunk_size: int) -> int:
     """The chunk actually used: ``chunk_size``, or the next power of two ≥ T when T is shorter."""
     return min(chunk_size, 1 << max(T - 1, 0).bit_length())
+
+
+def _gates(G, within, carry, like):
+    """``D [.., C, C]``, ``exp(G) ⊙ c [.., C]`` and ``c_C exp(G_C) [..]`` for one chunk layout.
+
+    ``G [N, B, H, C]`` or None (no gate); ``within`` the causal (and same-document) mask;
+    ``carry [N, B, 1, C]`` or None (no documents); ``like`` is β ``[N, B, H, C]``.
+    """
+    if G is None:
+        D = jnp.broadcast_to(within, (*like.shape, like.shape[-1])).astype(jnp.float32)
+        from_start = jnp.ones_like(like)
+    else:
+        D = _masked_exp(G[..., :, None] - G[..., None, :], within)
+        from_start = jnp.exp(G)
+    if carry is not None:
+        from_start = from_start * carry
+    state_decay = from_start[..., -1] if G is not None or carry is not None else jnp.ones_like(like[..., -1])
+    return D, from_start, state_decay
+
+
+def _strict(x: jax.Array) -> jax.Array:
+    return jnp.tril(x, -1)
+
+
+def _forward_parts(q, k, kw, v, b, G, within, carry):
+    D, fs, a = _gates(G, within, carry, b)
+    KKW = _mm("...ik,...jk->...ij", k, kw)
+    A = KKW * b[..., :, None] * _strict(D)
+    return D, fs, a, KKW, A
+
+
+def _state_pass(W, U, KT, a, S0):
+    """Serial over chunks: ``V' = U − W S``, ``S ← a S + KTᵀ V'``. Returns entry states, V', last S."""
+
+    def step(S, xs):
+        W, U, KT, a = xs
+        v_new = U - _mm("bhck,bhkv->bhcv", W, S)
+        return a[..., None, None] * S + _mm("bhck,bhcv->bhkv", KT, v_new), (S, v_new)
+
+    S_final, (S_in, v_new) = lax.scan(step, S0, (W, U, KT, a))
+    return S_in, v_new, S_final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_core(has_gate, q, k, kw, v, b, G, S0, within, carry):
+    """Chunked layout in and out: ``q, k, kw [N, B, H, C, K]``, ``v [N, B, H, C, V]``,
+    ``b, G [N, B, H, C]``, ``S0 [B, H, K, V]``; returns ``o [N, B, H, C, V]`` and the last state."""
+    return _chunk_core_fwd(has_gate, q, k, kw, v, b, G, S0, within, carry)[0]
+
+
+def _chunk_core_fwd(has_gate, q, k, kw, v, b, G, S0, within, carry):
+    G = G if has_gate else None
+    D, fs, a, _, A = _forward_parts(q, k, kw, v, b, G, within, carry)
+    Tm = unit_lower_inverse(A)
+    W = _mm("...ij,...jk->...ik", Tm, (b * fs)[..., None] * k)
+    U = _mm("...ij,...jv->...iv", Tm, b[..., None] * v)
+    S_in, v_new, S_final = _state_pass(W, U, kw * D[..., -1, :, None], a, S0)
+    P = _mm("...ik,...jk->...ij", q, kw) * D
+    o = _mm("...ck,...kv->...cv", q * fs[..., None], S_in) + _mm("...ij,...jv->...iv", P, v_new)
+    return (o, S_final), (q, k, kw, v, b, G, within, carry, Tm, S_in)
+
+
+def _chunk_core_bwd(has_gate, res, cotangents):
+    q, k, kw, v, b, G, within, carry, Tm, S_in = res
+    dO, dS_final = cotangents
+    D, fs, a, KKW, _ = _forward_parts(q, k, kw, v, b, G, within, carry)
+    Wr, Ur = (b * fs)[..., None] * k, b[..., None] * v
+    W = _mm("...ij,...jk->...ik", Tm, Wr)
+    U = _mm("...ij,...jv->...iv", Tm, Ur)
+    v_new = U - _mm("...ck,...kv->...cv", W, S_in)
+    QKW = _mm("...ik,...jk->...ij", q, kw)
+    P = QKW * D
+    d_last = D[..., -1, :]
+    KT = kw * d_last[..., None]
+
+    # Reverse pass over chunks: dV' = Pᵀ dO + KT dS₁ and dS₀ = Qsᵀ dO + a dS₁ − Wᵀ dV'.
+    dS_from_o = _mm("...ck,...cv->...kv", q * fs[..., None], dO)
+    dv_from_o = _mm("...ij,...iv->...jv", P, dO)
+
+    def step(dS_next, xs):
+        dS_o, dv_o, KT, W, a = xs
+        dv_new = dv_o + _mm("bhck,bhkv->bhcv", KT, dS_next)
+        dS = dS_o + a[..., None, None] * dS_next - _mm("bhck,bhcv->bhkv", W, dv_new)
+        return dS, (dS_next, dv_new)
+
+    dS0, (dS_out, dv_new) = lax.scan(step, dS_final, (dS_from_o, dv_from_o, KT, W, a), reverse=True)
+
+    # Per chunk, in parallel.
+    dQs = _mm("...cv,...kv->...ck", dO, S_in)
+    dP = _mm("...iv,...jv->...ij", dO, v_new) * D  # D folded in: dP now means d(QKW) on the mask
+    dW = -_mm("...cv,...kv->...ck", dv_new, S_in)
+    dKT = _mm("...cv,...kv->...ck", v_new, dS_out)
+    da = jnp.sum(S_in * dS_out, axis=(-2, -1))
+
+    dq = dQs * fs[..., None] + _mm("...ij,...jk->...ik", dP, kw)
+    dkw = _mm("...ij,...ik->...jk", dP, q) + dKT * d_last[..., None]
+
+    dT = _mm("...ik,...jk->...ij", dW, Wr) + _mm("...iv,...jv->...ij", dv_new, Ur)
+    dWr = _mm("...ji,...jk->...ik", Tm, dW)
+    dUr = _mm("...ji,...jv->...iv", Tm, dv_new)
+    Tt = jnp.swapaxes(Tm, -1, -2)
+    dA = -_strict(_mm("...ij,...jk->...ik", _mm("...ij,...jk->...ik", Tt, dT), Tt))
+
+    dv = b[..., None] * dUr
+    k_dWr = jnp.sum(dWr * k, axis=-1)
+    db = jnp.sum(dUr * v, axis=-1) + fs * k_dWr
+    dk = (b * fs)[..., None] * dWr
+    dA_D = dA * _strict(D)
+    M = dA_D * b[..., :, None]
+    dk = dk + _mm("...ij,...jk->...ik", M, kw)
+    dkw = dkw + _mm("...ij,...ik->...jk", M, k)
+    db = db + jnp.sum(dA_D * KKW, axis=-1)
+
+    dG = None
+    if has_gate:
+        # d/dG through D (both indices), exp(G) ⊙ c, and the last row of D used for KT.
+        # E = dD ⊙ D (dP already carries its factor D); the last row adds D[C, :]'s use in KT.
+        E = dP * QKW + dA_D * KKW * b[..., :, None]
+        E = E.at[..., -1, :].add(jnp.sum(dKT * kw, axis=-1) * d_last)
+        dfs = jnp.sum(dQs * q, axis=-1) + b * k_dWr
+        dG = jnp.sum(E, axis=-1) - jnp.sum(E, axis=-2) + dfs * fs
+        dG = dG.at[..., -1].add(da * a)
+    return dq, dk, dkw, dv, db, dG, dS0, None, None
+
+
+_chunk_core.defvjp(_chunk_core_fwd, _chunk_core_bwd)
 
 
 def delta_rule_chunked(q, k, v, beta, *, write_key=None, log_decay=None, scale, initial_state=None,
@@ -102,49 +219,20 @@ def delta_rule_chunked(q, k, v, beta, *, write_key=None, log_decay=None, scale, 
     v_c = _to_chunks(v.astype(f32), C)  # [N, B, H, C, V]
     b_c = _to_chunks(beta.astype(f32)[..., None], C)[..., 0]  # [N, B, H, C]
 
-    causal = jnp.tril(jnp.ones((C, C), bool))
-    if segment_ids is None:
-        within = causal  # [C, C]
-        carry = None
-    else:
+    within = jnp.tril(jnp.ones((C, C), bool))
+    carry = None
+    if segment_ids is not None:
         doc = _to_chunks(document_index(segment_ids), C, pad_mode="edge")[:, :, None]  # [N, B, 1, C]
-        within = causal & (doc[..., :, None] == doc[..., None, :])  # [N, B, 1, C, C]
+        within = within & (doc[..., :, None] == doc[..., None, :])  # [N, B, 1, C, C]
         # document open at the end of the previous chunk (chunk 0: the first document, index 0)
         doc_before = jnp.concatenate([jnp.zeros_like(doc[:1, ..., -1]), doc[:-1, ..., -1]])  # [N, B, 1]
         carry = (doc == doc_before[..., None]).astype(f32)  # [N, B, 1, C]
 
-    if log_decay is None:
-        D = jnp.broadcast_to(within.astype(f32), (*b_c.shape, C))  # [N, B, H, C, C]
-        from_start = jnp.ones_like(b_c)  # exp(G_i): decay from chunk start to token i
-        state_decay = jnp.ones(b_c.shape[:-1], f32)  # exp(G_C)
-    else:
-        G = jnp.cumsum(_to_chunks(log_decay.astype(f32)[..., None], C)[..., 0], axis=-1)
-        D = _masked_exp(G[..., :, None] - G[..., None, :], within)
-        from_start = jnp.exp(G)
-        state_decay = from_start[..., -1]
-    if carry is not None:
-        from_start = from_start * carry
-        state_decay = state_decay * carry[..., -1]
-
-    strict = ~jnp.eye(C, dtype=bool)
-    A = jnp.einsum("...ik,...jk->...ij", k_c, kw_c, precision=_HI) * b_c[..., :, None] * jnp.where(strict, D, 0.0)
-    T_inv = unit_lower_inverse(A)
-    W = jnp.einsum("...ij,...jk->...ik", T_inv, (b_c * from_start)[..., None] * k_c, precision=_HI)
-    U = jnp.einsum("...ij,...jv->...iv", T_inv, b_c[..., None] * v_c, precision=_HI)
-    kw_tail = kw_c * D[..., -1, :, None]  # k̃_j exp(G_C − G_j), same document as the last token
-
-    def chunk_step(S, xs):
-        W, U, kw_tail, a = xs
-        v_new = U - jnp.einsum("bhck,bhkv->bhcv", W, S, precision=_HI)
-        S_next = a[..., None, None] * S + jnp.einsum("bhck,bhcv->bhkv", kw_tail, v_new, precision=_HI)
-        return S_next, (S, v_new)
-
+    has_gate = log_decay is not None
+    G = (jnp.cumsum(_to_chunks(log_decay.astype(f32)[..., None], C)[..., 0], axis=-1) if has_gate
+         else jnp.zeros_like(b_c))
     S0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
-    S_final, (S_in, v_new) = lax.scan(chunk_step, S0, (W, U, kw_tail, state_decay))
-
-    scores = jnp.einsum("...ik,...jk->...ij", q_c, kw_c, precision=_HI) * D
-    o = (jnp.einsum("...ck,...kv->...cv", q_c * from_start[..., None], S_in, precision=_HI)
-         + jnp.einsum("...ij,...jv->...iv", scores, v_new, precision=_HI))
+    o, S_final = _chunk_core(has_gate, q_c, k_c, kw_c, v_c, b_c, G, S0, within, carry)
     return _from_chunks(o, T).astype(v.dtype), S_final
 
 
