@@ -88,8 +88,7 @@ def _gates(G, within, carry, like):
         from_start = jnp.exp(G)
     if carry is not None:
         from_start = from_start * carry
-    state_decay = from_start[..., -1] if G is not None or carry is not None else jnp.ones_like(like[..., -1])
-    return D, from_start, state_decay
+    return D, from_start, from_start[..., -1]
 
 
 def _strict(x: jax.Array) -> jax.Array:
@@ -179,7 +178,7 @@ def _chunk_core_bwd(has_gate, res, cotangents):
     k_dWr = jnp.sum(dWr * k, axis=-1)
     db = jnp.sum(dUr * v, axis=-1) + fs * k_dWr
     dk = (b * fs)[..., None] * dWr
-    dA_D = dA * _strict(D)
+    dA_D = dA * D  # dA is strictly lower already
     M = dA_D * b[..., :, None]
     dk = dk + _mm("...ij,...jk->...ik", M, kw)
     dkw = dkw + _mm("...ij,...ik->...jk", M, k)
