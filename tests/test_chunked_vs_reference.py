@@ -80,3 +80,18 @@ def test_bf16_inputs(variant):
     for name in gref:
         assert gout[name].dtype == case.arrays[name].dtype
         assert_close(gout[name], gref[name], what=f"{variant} bf16 d/d{name}", bf16=True, grad=True)
+
+
+@pytest.mark.parametrize("variant", ["gdn", "osdn_apf"])
+def test_second_order(variant):
+    """Reverse-over-reverse (Hessian-vector products) through the hand-written backward."""
+    import jax
+
+    case = make_case(variant, B=1, T=40, H=2, K=16, V=16, seed=13)
+    v0 = case.arrays["v"]
+
+    def hvp(impl):
+        loss = lambda v: jnp.sum(jnp.sin(run(case, impl, chunk_size=16, arrays={**case.arrays, "v": v})["o"]))
+        return jax.grad(lambda v: jnp.vdot(jax.grad(loss)(v), v0))(v0)
+
+    assert_close(hvp("chunked"), hvp("reference"), what=f"{variant} Hessian-vector product")
