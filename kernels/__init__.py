@@ -1,4 +1,8 @@
-"""Pallas GPU kernels (installed as ``osdn_jax.kernels``).
+"""Pallas GPU kernels (installed as ``osdn_jax.kernels``), Triton lowering.
 
-Empty until the kernel issue lands; ``osdn_jax.ops`` refuses ``impl="pallas"`` until then.
+- ``preconditioner.preconditioner_pallas``: OSDN phase 1 (the ``d`` trajectory), forward and
+  backward, same contract as ``osdn_jax.ops.preconditioner.preconditioner_scan``.
+
+The chunkwise delta-rule kernels (phase 2) are not built yet, so ``osdn_jax.ops`` still refuses
+``impl="pallas"`` and ``"auto"`` never picks a kernel.
 """
