@@ -1,8 +1,8 @@
-"""Pallas GPU kernels (installed as ``osdn_jax.kernels``), Triton lowering.
+"""Pallas (Triton) kernels, installed as ``osdn_jax.kernels``; see ``docs/kernels.md``.
 
-- ``preconditioner.preconditioner_pallas``: OSDN phase 1 (the ``d`` trajectory), forward and
-  backward, same contract as ``osdn_jax.ops.preconditioner.preconditioner_scan``.
+- ``delta_rule.delta_rule_pallas``: the chunkwise delta rule (OSDN phase 2), forward and backward.
+- ``preconditioner.preconditioner_pallas``: OSDN phase 1 (the ``d`` trajectory), forward and backward.
 
-The chunkwise delta-rule kernels (phase 2) are not built yet, so ``osdn_jax.ops`` still refuses
-``impl="pallas"`` and ``"auto"`` never picks a kernel.
+Reached through ``osdn_jax.ops`` with ``impl="pallas"``; on a CPU backend they run with
+``interpret=True``.
 """

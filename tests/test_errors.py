@@ -72,9 +72,14 @@ def test_preconditioner_rejects():
                                 beta=jnp.ones((B, T)))
 
 
-def test_pallas_is_refused_until_built():
-    with pytest.raises(NotImplementedError, match="impl='pallas'"):
-        call_delta(impl="pallas")
+@pytest.mark.parametrize("over, pattern", [
+    (dict(chunk_size=128), r"impl='pallas': the kernels do not cover chunk_size 128"),
+    (dict(q=jnp.ones((B, T, H, 256)), k=jnp.ones((B, T, H, 256))), r"impl='pallas': the kernels do not cover head dims K=256"),
+])
+def test_pallas_refuses_what_its_kernels_do_not_cover(over, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call_delta(impl="pallas", **over)
+    call_delta(impl="auto", **over)  # auto falls back to the chunked path
 
 
 def test_unknown_preset():

@@ -7,20 +7,25 @@ states ``[B, H, K, V]`` (fp32), ``d0 [H, K]``, ``d [B, T, H, K]``, ``segment_ids
 
 - ``"reference"``: ``lax.scan`` token by token (the oracle);
 - ``"chunked"``: the chunkwise WY/UT form in plain JAX (any backend, differentiable);
-- ``"pallas"``: the Pallas kernels (not built yet: refused);
-- ``"auto"``: the best path tested for the current backend and arguments (today: ``"chunked"``).
+- ``"pallas"``: the Pallas (Triton) kernels, forward and backward; on a CPU backend they run with
+  ``interpret=True``. Arguments the kernels do not cover raise a ``ValueError``;
+- ``"auto"``: the best path tested for the current backend and arguments: the kernels on a GPU
+  once they are verified there (``PALLAS_VERIFIED_ON_GPU``), else ``"chunked"``.
 
 Dispatch fails closed: a path runs only for the arguments its tests cover.
 """
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from osdn_jax.kernels import delta_rule as pallas_delta_rule
+from osdn_jax.kernels import preconditioner as pallas_preconditioner
 from osdn_jax.ops import checks
-from osdn_jax.ops.chunked import delta_rule_chunked, osdn_chunked
+from osdn_jax.ops.chunked import delta_rule_chunked
 from osdn_jax.ops.preconditioner import preconditioner_scan
 from osdn_jax.ops.reference import PreconditionerConfig, delta_rule_reference, osdn_reference
 
@@ -29,17 +34,43 @@ IMPLS = ("auto", "reference", "chunked", "pallas")
 _delta_rule_reference = jax.jit(delta_rule_reference, static_argnames=("scale",))
 _delta_rule_chunked = jax.jit(delta_rule_chunked, static_argnames=("scale", "chunk_size"))
 _osdn_reference = jax.jit(osdn_reference, static_argnames=("precond", "scale"))
-_osdn_chunked = jax.jit(osdn_chunked, static_argnames=("precond", "scale", "chunk_size"))
 _preconditioner = jax.jit(preconditioner_scan, static_argnames=("eta", "d_min", "d_max"))
+_delta_rule_pallas = jax.jit(pallas_delta_rule.delta_rule_pallas, static_argnames=("scale", "chunk_size"))
 
 
-def _choose_impl(impl: str) -> str:
+def _osdn_two_phase(q, k, v, beta, d0, *, precond, phase1, phase2, log_gamma=None, log_decay=None, scale,
+                    initial_state=None, initial_d=None, segment_ids=None, chunk_size=64):
+    """Phase 1 (the d trajectory), then phase 2 with write key d ⊙ k (fp32)."""
+    d, d_final = phase1(k, d0, eta=precond.eta, d_min=precond.d_min, d_max=precond.d_max, log_gamma=log_gamma,
+                        beta=beta if precond.beta_aware else None, segment_ids=segment_ids, initial_d=initial_d)
+    o, S = phase2(q, k, v, beta, write_key=d * k.astype(jnp.float32), log_decay=log_decay, scale=scale,
+                  initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+    return o, S, d_final
+
+
+_osdn_chunked = jax.jit(functools.partial(_osdn_two_phase, phase1=preconditioner_scan, phase2=delta_rule_chunked),
+                        static_argnames=("precond", "scale", "chunk_size"))
+_osdn_pallas = jax.jit(functools.partial(_osdn_two_phase, phase1=pallas_preconditioner.preconditioner_pallas,
+                                         phase2=pallas_delta_rule.delta_rule_pallas),
+                       static_argnames=("precond", "scale", "chunk_size"))
+
+
+# "auto" picks the kernels on a GPU only after the GPU suite (benchmarks/gpu_suite.sh) has passed on
+# one: until then they are tested in interpret mode and lowered for CUDA, never run natively.
+PALLAS_VERIFIED_ON_GPU = False
+
+
+def _choose_impl(impl: str, K: int, V: int, chunk_size: int) -> str:
     checks.check_impl(impl, IMPLS)
     if impl == "pallas":
-        raise NotImplementedError(
-            "impl='pallas': the Pallas kernels are not built yet; use impl='chunked' (or 'auto')"
-        )
+        reason = pallas_delta_rule.supported(K, V, chunk_size)
+        if reason is not None:
+            raise ValueError(f"impl='pallas': the kernels do not cover {reason}; use impl='chunked' or 'auto'")
+        return "pallas"
     if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu" and PALLAS_VERIFIED_ON_GPU
+        if on_gpu and pallas_delta_rule.supported(K, V, chunk_size) is None:
+            return "pallas"
         return "chunked"
     return impl
 
@@ -77,14 +108,16 @@ def delta_rule(q, k, v, beta, *, write_key=None, log_decay=None, scale=None, ini
     """
     B, T, H, K, V = _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size)
     checks.check_optional("write_key", write_key, (B, T, H, K), "[B, T, H, K] like k")
-    path = _choose_impl(impl)
+    path = _choose_impl(impl, K, V, chunk_size)
     scale = _scale(scale, K)
+    kwargs = dict(write_key=write_key, log_decay=log_decay, scale=scale, initial_state=initial_state,
+                  segment_ids=segment_ids)
     if path == "reference":
-        o, S = _delta_rule_reference(q, k, v, beta, write_key=write_key, log_decay=log_decay, scale=scale,
-                                     initial_state=initial_state, segment_ids=segment_ids)
+        o, S = _delta_rule_reference(q, k, v, beta, **kwargs)
+    elif path == "pallas":
+        o, S = _delta_rule_pallas(q, k, v, beta, chunk_size=chunk_size, **kwargs)
     else:
-        o, S = _delta_rule_chunked(q, k, v, beta, write_key=write_key, log_decay=log_decay, scale=scale,
-                                   initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+        o, S = _delta_rule_chunked(q, k, v, beta, chunk_size=chunk_size, **kwargs)
     return o, (S if output_final_state else None)
 
 
@@ -126,12 +159,14 @@ def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=Fal
     checks.check_optional("log_gamma", log_gamma, (B, T, H), "[B, T, H]")
     checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
     cfg = _precond_config(eta, d_min, d_max, beta_aware)
-    path = _choose_impl(impl)
+    path = _choose_impl(impl, K, V, chunk_size)
     scale = _scale(scale, K)
     kwargs = dict(precond=cfg, log_gamma=log_gamma, log_decay=log_decay, scale=scale,
                   initial_state=initial_state, initial_d=initial_d, segment_ids=segment_ids)
     if path == "reference":
         o, S, d_final, _ = _osdn_reference(q, k, v, beta, d0, **kwargs)
+    elif path == "pallas":
+        o, S, d_final = _osdn_pallas(q, k, v, beta, d0, chunk_size=chunk_size, **kwargs)
     else:
         o, S, d_final = _osdn_chunked(q, k, v, beta, d0, chunk_size=chunk_size, **kwargs)
     if not output_final_state:

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from osdn_jax.ops.preconditioner import preconditioner_scan
 from osdn_jax.ops.segments import document_index
 
 _HI = lax.Precision.HIGHEST
@@ -234,21 +233,3 @@ def delta_rule_chunked(q, k, v, beta, *, write_key=None, log_decay=None, scale, 
     o, S_final = _chunk_core(has_gate, q_c, k_c, kw_c, v_c, b_c, G, S0, within, carry)
     return _from_chunks(o, T).astype(v.dtype), S_final
 
-
-def osdn_chunked(q, k, v, beta, d0, *, precond, log_gamma=None, log_decay=None, scale, initial_state=None,
-                 initial_d=None, segment_ids=None, chunk_size=64):
-    """OSDN in two phases: the ``d`` trajectory by a ``[B, H, K]`` scan, then the chunkwise delta
-    rule with read/erase key ``k`` and write key ``k̃ = d ⊙ k`` (fp32).
-
-    ``precond`` is a ``reference.PreconditionerConfig``. Returns ``o [B, T, H, V]``, the final
-    state ``[B, H, K, V]`` and the final ``d [B, H, K]``.
-    """
-    d, d_final = preconditioner_scan(
-        k, d0, eta=precond.eta, d_min=precond.d_min, d_max=precond.d_max, log_gamma=log_gamma,
-        beta=beta if precond.beta_aware else None, segment_ids=segment_ids, initial_d=initial_d,
-    )
-    o, S = delta_rule_chunked(
-        q, k, v, beta, write_key=d * k.astype(jnp.float32), log_decay=log_decay, scale=scale,
-        initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
-    )
-    return o, S, d_final

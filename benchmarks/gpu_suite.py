@@ -1,0 +1,159 @@
+"""GPU suite, part 2: forward and forward+backward time, achieved TFLOP/s and peak memory of the
+Pallas kernels against the chunked XLA path and, where importable, flash-linear-attention (Triton,
+PyTorch) and jax-linear-attention (Mosaic GPU). Run through ``benchmarks/gpu_suite.sh``.
+
+    python benchmarks/gpu_suite.py            # the issue's table (bf16), on a GPU
+    python benchmarks/gpu_suite.py --smoke    # tiny shapes on any backend: checks the script runs
+
+Times are medians (ms) of ``--repeats`` calls after warm-up, with ``block_until_ready`` (JAX) or
+``torch.cuda.synchronize`` (PyTorch). TFLOP/s counts the chunkwise algorithm's matmul work
+(forward; forward+backward counted as 3x forward). Ratios are "their time / our time": ≥ 1 means
+our kernels are at least as fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from osdn_jax import get_preset, ops
+from osdn_jax.compare import make_op_inputs, peak_mib
+from osdn_jax.kernels.preconditioner import preconditioner_pallas
+
+CONFIGS = [(8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (8, 4096, 8, 64)]
+SMOKE = [(1, 96, 2, 32)]
+
+
+def chunk_flops(B, T, H, K, V, C=64) -> float:
+    """Forward matmul FLOPs of the chunkwise algorithm (A, T⁻¹, W, U, states, outputs)."""
+    per_chunk = 3 * 2 * C * C * K + 2 * 2 * C * C * V + 3 * 2 * C * K * V + C**3 / 3
+    return B * H * (T / C) * per_chunk
+
+
+def timed_ms(fn, repeats) -> float:
+    fn()
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(samples)
+
+
+def jax_case(op, impl, a, chunk):
+    """(forward fn, forward+backward fn, compiled fwd+bwd) for our paths, inputs as a dict."""
+    p = get_preset("may")
+
+    def forward(a):
+        if op == "osdn":
+            return ops.osdn(a["q"], a["k"], a["v"], a["beta"], a["d0"], eta=p.eta, d_min=p.d_min, d_max=p.d_max,
+                            chunk_size=chunk, impl=impl)[0]
+        return ops.delta_rule(a["q"], a["k"], a["v"], a["beta"], log_decay=a.get("log_decay"), chunk_size=chunk,
+                              impl=impl)[0]
+
+    fwd = jax.jit(forward)
+    fb = jax.jit(jax.grad(lambda a: jnp.sum(forward(a).astype(jnp.float32) ** 2)))
+    compiled = fb.lower(a).compile()
+    return (lambda: jax.block_until_ready(fwd(a))), (lambda: jax.block_until_ready(compiled(a))), compiled
+
+
+def fla_case(op, a):
+    """flash-linear-attention's Triton chunk kernels under PyTorch, on the same inputs."""
+    import torch
+
+    if op == "deltanet":
+        from fla.ops.delta_rule import chunk_delta_rule as kernel
+    else:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as kernel
+    dev = torch.device("cuda")
+    t = {n: torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(dev) for n, x in a.items() if n != "d0"}
+    q, k, v, beta = (t[n].to(torch.bfloat16).requires_grad_() for n in ("q", "k", "v", "beta"))
+    g = t["log_decay"].requires_grad_() if op == "gdn" else None
+
+    def forward():
+        return kernel(q, k, v, beta) if g is None else kernel(q, k, v, g, beta)
+
+    def fwd():
+        with torch.no_grad():
+            forward()
+        torch.cuda.synchronize()
+
+    def fb():
+        o = forward()[0]
+        (o.float() ** 2).sum().backward()
+        torch.cuda.synchronize()
+
+    def peak():
+        torch.cuda.reset_peak_memory_stats()
+        fb()
+        return torch.cuda.max_memory_allocated() / 2**20
+
+    return fwd, fb, peak
+
+
+def jla_case(op, a):
+    from jla.ops.mosaic_gpu import gated_delta_rule as jla_gdr
+
+    def forward(a):
+        if op == "deltanet":
+            return jla_gdr.delta_rule(a["q"], a["k"], a["v"], a["beta"])[0]
+        return jla_gdr.gated_delta_rule(a["q"], a["k"], a["v"], a["log_decay"], a["beta"])[0]
+
+    fwd = jax.jit(forward)
+    fb = jax.jit(jax.grad(lambda a: jnp.sum(forward(a).astype(jnp.float32) ** 2)))
+    return (lambda: jax.block_until_ready(fwd(a))), (lambda: jax.block_until_ready(fb(a)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--ops", nargs="+", default=["deltanet", "gdn", "osdn"])
+    args = ap.parse_args()
+    configs = SMOKE if args.smoke else CONFIGS
+    repeats = 3 if args.smoke else args.repeats
+    chunk = 32 if args.smoke else 64
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), bf16 inputs, chunk {chunk}")
+    print("| op | B, T, H, K | pallas fwd ms | pallas f+b ms | f+b TFLOP/s | chunked f+b x | fla f+b x "
+          "| jla f+b x | pallas MiB | fla MiB | phase 1 share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for op in args.ops:
+        for B, T, H, K in configs:
+            a = make_op_inputs(op, B, T, H, K, K, dtype=jnp.bfloat16)
+            fwd, fb, compiled = jax_case(op, "pallas", a, chunk)
+            t_fwd, t_fb = timed_ms(fwd, repeats), timed_ms(fb, repeats)
+            tflops = 3 * chunk_flops(B, T, H, K, K, chunk) / (t_fb * 1e-3) / 1e12
+            _, chunked_fb, _ = jax_case(op, "chunked", a, chunk)
+            ratios = {"chunked": timed_ms(chunked_fb, repeats) / t_fb}
+            fla_mib = "-"
+            for name, make in (("fla", fla_case), ("jla", jla_case)):
+                if op == "osdn":
+                    ratios[name] = None
+                    continue
+                try:
+                    case = make(op, a)
+                    ratios[name] = timed_ms(case[1], repeats) / t_fb
+                    if name == "fla" and T == 8192:
+                        fla_mib = f"{case[2]():.0f}"
+                except Exception as e:  # not importable here, or unsupported: say so, keep going
+                    ratios[name] = f"n/a ({type(e).__name__})"
+            share = "-"
+            if op == "osdn":
+                p = get_preset("may")
+                ph1 = jax.jit(jax.grad(lambda k, d0: jnp.sum(preconditioner_pallas(
+                    k, d0, eta=p.eta, d_min=p.d_min, d_max=p.d_max)[0] ** 2), argnums=(0, 1)))
+                share = f"{timed_ms(lambda: jax.block_until_ready(ph1(a['k'], a['d0'])), repeats) / t_fb:.1%}"
+            fmt = lambda r: "-" if r is None else (r if isinstance(r, str) else f"{r:.2f}")  # noqa: E731
+            mib = f"{peak_mib(compiled):.0f}" if T == 8192 or args.smoke else "-"
+            print(f"| {op} | {B}, {T}, {H}, {K} | {t_fwd:.2f} | {t_fb:.2f} | {tflops:.1f} | {fmt(ratios['chunked'])} "
+                  f"| {fmt(ratios['fla'])} | {fmt(ratios['jla'])} | {mib} | {fla_mib} | {share} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# GPU suite for the Pallas kernels (about 8 minutes on one H200), run from the tree as is:
+#   1. the kernel tests, natively on the GPU (interpret mode is chosen only on CPU backends);
+#   2. the timing / TFLOP/s / memory table of benchmarks/gpu_suite.py.
+# Peer wheels (fla-core, jax-linear-attention) may be carried in .whl/ (see docs/kernels.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e .
+export JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
+python3 -c "import jax; assert jax.default_backend() == 'gpu', jax.devices(); print(jax.devices())"
+python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel_preconditioner.py \
+  tests/test_chunked_vs_reference.py -k "pallas or matches_scan or bf16_keys"
+python3 benchmarks/gpu_suite.py "$@"

@@ -1,0 +1,15 @@
+"""The benchmark scripts run (tiny shapes), so they do not rot between GPU sessions."""
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def test_gpu_suite_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--ops", "gdn", "osdn"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| gdn") or line.startswith("| osdn")]
+    assert len(rows) == 2, out.stdout
