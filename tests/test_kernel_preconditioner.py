@@ -68,3 +68,17 @@ def test_lowers_for_cuda(options):
     bwd = lower_for_cuda(jax.grad(lambda xs: jnp.sum(fn(xs)[0]) + jnp.sum(fn(xs)[1])), xs)
     assert "triton" in fwd and "osdn_preconditioner_fwd" in fwd
     assert "osdn_preconditioner_bwd" in bwd
+
+
+def test_front_door_runs_the_kernel():
+    from osdn_jax import ops
+
+    case = make_case("osdn_apf", T=40, seed=9)
+    a = case.arrays
+    kw = dict(**OSDN_SETTINGS, log_gamma=a["log_gamma"], segment_ids=a["segment_ids"])
+    got = ops.osdn_preconditioner(a["k"], a["d0"], **kw, impl="pallas")
+    ref = ops.osdn_preconditioner(a["k"], a["d0"], **kw, impl="reference")
+    for x, y in zip(got, ref):
+        assert_close(x, y, what="front door")
+    with pytest.raises(ValueError, match="impl: expected one of"):
+        ops.osdn_preconditioner(a["k"], a["d0"], **kw, impl="kernel")

@@ -35,6 +35,8 @@ _delta_rule_reference = jax.jit(delta_rule_reference, static_argnames=("scale",)
 _delta_rule_chunked = jax.jit(delta_rule_chunked, static_argnames=("scale", "chunk_size"))
 _osdn_reference = jax.jit(osdn_reference, static_argnames=("precond", "scale"))
 _preconditioner = jax.jit(preconditioner_scan, static_argnames=("eta", "d_min", "d_max"))
+_preconditioner_pallas = jax.jit(pallas_preconditioner.preconditioner_pallas,
+                                 static_argnames=("eta", "d_min", "d_max"))
 _delta_rule_pallas = jax.jit(pallas_delta_rule.delta_rule_pallas, static_argnames=("scale", "chunk_size"))
 
 
@@ -122,14 +124,15 @@ def delta_rule(q, k, v, beta, *, write_key=None, log_decay=None, scale=None, ini
 
 
 def osdn_preconditioner(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, segment_ids=None,
-                        initial_d=None):
+                        initial_d=None, impl="auto"):
     """Phase 1 of OSDN: the trajectory ``d [B, T, H, K]`` (fp32; ``d[:, t]`` is the value used for
     the write at token t) and the final ``d [B, H, K]`` (after the last token's update).
 
     ``log_gamma`` turns on APF (γ = exp(log_gamma)); passing ``beta`` selects the β-aware
     hypergradient ``β(1 − β⟨d, k²⟩)k²``, otherwise the code form ``(1 − ⟨d, k²⟩)k²``.
     ``d_min``/``d_max`` may be None (no clip on that side). ``d`` restarts at ``d0`` at each
-    document start of ``segment_ids``.
+    document start of ``segment_ids``. ``impl``: ``"pallas"`` runs the phase-1 kernel, every other
+    choice the ``lax.scan`` (it is the reference, and the chunked path's phase 1).
     """
     if not hasattr(k, "ndim") or k.ndim != 4:
         checks.fail("k", "a rank-4 array [B, T, H, K]", k)
@@ -141,8 +144,9 @@ def osdn_preconditioner(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, 
     checks.check_segment_ids(segment_ids, B, T)
     checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
     cfg = _precond_config(eta, d_min, d_max, beta is not None)
-    return _preconditioner(k, d0, eta=cfg.eta, d_min=cfg.d_min, d_max=cfg.d_max, log_gamma=log_gamma,
-                           beta=beta, segment_ids=segment_ids, initial_d=initial_d)
+    run = _preconditioner_pallas if _choose_impl(impl, K, K, 64) == "pallas" else _preconditioner
+    return run(k, d0, eta=cfg.eta, d_min=cfg.d_min, d_max=cfg.d_max, log_gamma=log_gamma, beta=beta,
+               segment_ids=segment_ids, initial_d=initial_d)
 
 
 def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=False, log_decay=None,
