@@ -35,6 +35,16 @@ def _inside(x, d_min, d_max):
     return inside
 
 
+def _unclipped_update(d, t, k_ref, lg_ref, b_ref, eta):
+    """Token t's pre-clip value ``x = γ d + η c (1 − c⟨d, s⟩) s`` and the pieces the backward reuses."""
+    k = k_ref[pl.ds(t, 1), :]
+    s = k * k
+    c = b_ref[pl.ds(t, 1)][:, None]
+    gamma = jnp.exp(lg_ref[pl.ds(t, 1)])[:, None]
+    inner = jnp.sum(d * s, axis=1, keepdims=True)
+    return gamma * d + eta * c * (1.0 - c * inner) * s, k, s, c, gamma, inner
+
+
 def _fwd_kernel(k_ref, lg_ref, b_ref, st_ref, d0_ref, ds_ref, d_ref, dfin_ref, *, T, eta, d_min, d_max):
     """Refs per program: ``k [T, K]``, ``lg, b, st [T]``, ``d0, d_start [1, K]``; out ``d [T, K]``,
     ``d_final [1, K]``."""
@@ -43,12 +53,7 @@ def _fwd_kernel(k_ref, lg_ref, b_ref, st_ref, d0_ref, ds_ref, d_ref, dfin_ref, *
     def step(t, d):
         d = jnp.where(st_ref[pl.ds(t, 1)][:, None] > 0, d0, d)
         d_ref[pl.ds(t, 1), :] = d
-        k = k_ref[pl.ds(t, 1), :]
-        s = k * k
-        c = b_ref[pl.ds(t, 1)][:, None]
-        gamma = jnp.exp(lg_ref[pl.ds(t, 1)])[:, None]
-        inner = jnp.sum(d * s, axis=1, keepdims=True)
-        x = gamma * d + eta * c * (1.0 - c * inner) * s
+        x = _unclipped_update(d, t, k_ref, lg_ref, b_ref, eta)[0]
         if d_min is not None:
             x = jnp.where(x < d_min, d_min, x)
         if d_max is not None:
@@ -67,12 +72,7 @@ def _bwd_kernel(k_ref, lg_ref, b_ref, st_ref, d_ref, gd_ref, gfin_ref,
         g, dd0 = carry
         t = T - 1 - i
         d = d_ref[pl.ds(t, 1), :]
-        k = k_ref[pl.ds(t, 1), :]
-        s = k * k
-        c = b_ref[pl.ds(t, 1)][:, None]
-        gamma = jnp.exp(lg_ref[pl.ds(t, 1)])[:, None]
-        inner = jnp.sum(d * s, axis=1, keepdims=True)
-        x = gamma * d + eta * c * (1.0 - c * inner) * s
+        x, k, s, c, gamma, inner = _unclipped_update(d, t, k_ref, lg_ref, b_ref, eta)
         gx = jnp.where(_inside(x, d_min, d_max), g, 0.0)
         gx_s = jnp.sum(gx * s, axis=1, keepdims=True)
         dd = gamma * gx - eta * c * c * gx_s * s + gd_ref[pl.ds(t, 1), :]
