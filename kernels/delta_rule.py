@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from osdn_jax.ops.segments import document_index
+from osdn_jax.ops.segments import chunk_documents
 
 _HI = lax.Precision.HIGHEST
 _PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=1)
@@ -311,11 +311,8 @@ def delta_rule_pallas(q, k, v, beta, *, write_key=None, log_decay=None, scale, i
         doc = jnp.zeros((B, H, Tp), f32)
         carry = jnp.ones((B, H, Tp), f32)
     else:
-        idx = jnp.pad(document_index(segment_ids), ((0, 0), (0, Tp - T)), mode="edge").reshape(B, N, C)
-        before = jnp.concatenate([jnp.zeros_like(idx[:, :1, -1]), idx[:, :-1, -1]], axis=1)  # [B, N]
-        carry = (idx == before[..., None]).reshape(B, 1, Tp)
-        doc = jnp.broadcast_to(idx.reshape(B, 1, Tp).astype(f32), (B, H, Tp))
-        carry = jnp.broadcast_to(carry.astype(f32), (B, H, Tp))
+        doc, carry = (jnp.broadcast_to(x.reshape(B, 1, Tp).astype(f32), (B, H, Tp))
+                      for x in chunk_documents(segment_ids, C))
     S0 = jnp.zeros((B, H, Kp, Vp), f32)
     if initial_state is not None:
         S0 = jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))

@@ -20,6 +20,14 @@ from jax.experimental.pallas import triton as plgpu
 from osdn_jax.ops.segments import document_starts
 
 _PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=1)
+MAX_HEAD_DIM = 128
+
+
+def supported(K: int) -> str | None:
+    """None when the kernel covers head dim K, else the reason it does not."""
+    if K > MAX_HEAD_DIM:
+        return f"head dim K={K} (the kernel takes up to {MAX_HEAD_DIM}, padded to a power of two)"
+    return None
 
 
 def _next_pow2(n: int) -> int:

@@ -62,18 +62,16 @@ _osdn_pallas = jax.jit(functools.partial(_osdn_two_phase, phase1=pallas_precondi
 PALLAS_VERIFIED_ON_GPU = False
 
 
-def _choose_impl(impl: str, K: int, V: int, chunk_size: int) -> str:
+def _choose_impl(impl: str, kernel_gap: str | None) -> str:
+    """The path to run; ``kernel_gap`` is why the kernels do not cover these arguments (None: they do)."""
     checks.check_impl(impl, IMPLS)
     if impl == "pallas":
-        reason = pallas_delta_rule.supported(K, V, chunk_size)
-        if reason is not None:
-            raise ValueError(f"impl='pallas': the kernels do not cover {reason}; use impl='chunked' or 'auto'")
+        if kernel_gap is not None:
+            raise ValueError(f"impl='pallas': the kernels do not cover {kernel_gap}; use impl='chunked' or 'auto'")
         return "pallas"
     if impl == "auto":
         on_gpu = jax.default_backend() == "gpu" and PALLAS_VERIFIED_ON_GPU
-        if on_gpu and pallas_delta_rule.supported(K, V, chunk_size) is None:
-            return "pallas"
-        return "chunked"
+        return "pallas" if on_gpu and kernel_gap is None else "chunked"
     return impl
 
 
@@ -110,7 +108,7 @@ def delta_rule(q, k, v, beta, *, write_key=None, log_decay=None, scale=None, ini
     """
     B, T, H, K, V = _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size)
     checks.check_optional("write_key", write_key, (B, T, H, K), "[B, T, H, K] like k")
-    path = _choose_impl(impl, K, V, chunk_size)
+    path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size))
     scale = _scale(scale, K)
     kwargs = dict(write_key=write_key, log_decay=log_decay, scale=scale, initial_state=initial_state,
                   segment_ids=segment_ids)
@@ -144,7 +142,8 @@ def osdn_preconditioner(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, 
     checks.check_segment_ids(segment_ids, B, T)
     checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
     cfg = _precond_config(eta, d_min, d_max, beta is not None)
-    run = _preconditioner_pallas if _choose_impl(impl, K, K, 64) == "pallas" else _preconditioner
+    path = _choose_impl(impl, pallas_preconditioner.supported(K))
+    run = _preconditioner_pallas if path == "pallas" else _preconditioner
     return run(k, d0, eta=cfg.eta, d_min=cfg.d_min, d_max=cfg.d_max, log_gamma=log_gamma, beta=beta,
                segment_ids=segment_ids, initial_d=initial_d)
 
@@ -163,7 +162,7 @@ def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=Fal
     checks.check_optional("log_gamma", log_gamma, (B, T, H), "[B, T, H]")
     checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
     cfg = _precond_config(eta, d_min, d_max, beta_aware)
-    path = _choose_impl(impl, K, V, chunk_size)
+    path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size))
     scale = _scale(scale, K)
     kwargs = dict(precond=cfg, log_gamma=log_gamma, log_decay=log_decay, scale=scale,
                   initial_state=initial_state, initial_d=initial_d, segment_ids=segment_ids)

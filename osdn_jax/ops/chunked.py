@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from osdn_jax.ops.segments import document_index
+from osdn_jax.ops.segments import chunk_documents
 
 _HI = lax.Precision.HIGHEST
 
@@ -38,11 +38,11 @@ def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=_HI)
 
 
-def _to_chunks(x: jax.Array, C: int, pad_mode: str = "constant") -> jax.Array:
-    """``[B, T, H, ...]`` (or ``[B, T]``) → ``[N, B, H, C, ...]`` (``[N, B, C]``)."""
+def _to_chunks(x: jax.Array, C: int) -> jax.Array:
+    """``[B, T, H, ...]`` (or ``[B, T]``) → ``[N, B, H, C, ...]`` (``[N, B, C]``), zero padded."""
     B, T = x.shape[:2]
     pad = (-T) % C
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=pad_mode)
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape(B, (T + pad) // C, C, *x.shape[2:])
     x = jnp.moveaxis(x, 1, 0)  # [N, B, C, ...]
     if x.ndim >= 4:
@@ -220,11 +220,9 @@ def delta_rule_chunked(q, k, v, beta, *, write_key=None, log_decay=None, scale, 
     within = jnp.tril(jnp.ones((C, C), bool))
     carry = None
     if segment_ids is not None:
-        doc = _to_chunks(document_index(segment_ids), C, pad_mode="edge")[:, :, None]  # [N, B, 1, C]
+        doc, carry = (jnp.moveaxis(x, 1, 0)[:, :, None] for x in chunk_documents(segment_ids, C))  # [N, B, 1, C]
         within = within & (doc[..., :, None] == doc[..., None, :])  # [N, B, 1, C, C]
-        # document open at the end of the previous chunk (chunk 0: the first document, index 0)
-        doc_before = jnp.concatenate([jnp.zeros_like(doc[:1, ..., -1]), doc[:-1, ..., -1]])  # [N, B, 1]
-        carry = (doc == doc_before[..., None]).astype(f32)  # [N, B, 1, C]
+        carry = carry.astype(f32)
 
     has_gate = log_decay is not None
     G = (jnp.cumsum(_to_chunks(log_decay.astype(f32)[..., None], C)[..., 0], axis=-1) if has_gate
