@@ -1,0 +1,155 @@
+"""Sampling from a ``CausalLM``: a parallel prefill of the prompts, then a jit-compiled
+``lax.while_loop`` of ``decode_step`` that carries the recurrent state (memory constant in the number
+of generated tokens).
+
+Prompts of different lengths are left-padded into one ``[B, P]`` batch; the padding is its own
+document (``segment_ids`` 0, prompt 1), so every state restarts at the first prompt token and the
+padding never reaches the prompt.
+
+Non-finite logits are not propagated: a row whose logits hold NaN or inf stops there, and
+``generate`` raises ``FloatingPointError`` naming the rows and the step once the loop is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from osdn_jax.model import CausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """``tokens [B, max_new_tokens]`` (int32; ``pad_token`` after a row stopped), ``lengths [B]`` the
+    number of tokens generated per row (a stop token is included and counted)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    def as_lists(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def _left_pad(prompts, pad_token: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts (a list of token lists, or an int array ``[B, P]``) → ``tokens [B, P]``, ``segment_ids``."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
+            raise ValueError(f"prompts: expected a list of token lists or an integer array [B, P], "
+                             f"got {prompts.shape} {prompts.dtype}")
+        prompts = np.asarray(prompts).tolist()
+    if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, Sequence) for p in prompts):
+        raise ValueError("prompts: expected a non-empty list of token lists or an integer array [B, P]")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) < 1:
+        raise ValueError(f"prompts: every prompt needs at least one token, got lengths {lengths}")
+    P = max(lengths)
+    tokens = np.full((len(prompts), P), pad_token, np.int32)
+    segment_ids = np.zeros((len(prompts), P), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = np.asarray(p, np.int64)
+        segment_ids[i, P - len(p):] = 1
+    return tokens, segment_ids
+
+
+def sample_logits(key: jax.Array, logits: jax.Array, temperature: float, top_k: int | None,
+                  top_p: float | None) -> jax.Array:
+    """Next tokens ``[B]`` from ``logits [B, V]``: greedy at temperature 0, else softmax sampling
+    restricted to the ``top_k`` largest and to the smallest set whose mass reaches ``top_p``."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "stop_token", "pad_token"))
+def _generate(graphdef, state, tokens, segment_ids, key, *, max_new_tokens, temperature, top_k, top_p,
+              stop_token, pad_token):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.prefill(tokens, segment_ids)
+    B = tokens.shape[0]
+    out = jnp.full((B, max_new_tokens), pad_token, jnp.int32)
+    done = jnp.zeros((B,), bool)
+    bad_step = jnp.full((B,), -1, jnp.int32)  # step at which a row met non-finite logits
+
+    def cond(carry):
+        i, _, done, *_ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, out, done, bad_step, logits, cache, key = carry
+        bad = ~done & ~jnp.all(jnp.isfinite(logits), axis=-1)
+        bad_step = jnp.where(bad, i, bad_step)
+        done = done | bad
+        key, sub = jax.random.split(key)
+        tok = sample_logits(sub, jnp.where(done[:, None], 0.0, logits), temperature, top_k, top_p)
+        tok = jnp.where(done, pad_token, tok)
+        out = out.at[:, i].set(tok)
+        if stop_token is not None:
+            done = done | (tok == stop_token)
+        logits, cache = model.decode_step(jnp.where(done, 0, tok), cache)
+        return i + 1, out, done, bad_step, logits, cache, key
+
+    carry = (jnp.int32(0), out, done, bad_step, logits[:, -1], cache, key)
+    _, out, done, bad_step, *_ = jax.lax.while_loop(cond, body, carry)
+    return out, bad_step
+
+
+def generate(model: CausalLM, prompts, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop_token: int | None = None, pad_token: int = 0) -> Generation:
+    """Samples up to ``max_new_tokens`` tokens after each prompt (a list of token lists of any
+    lengths, or an int array ``[B, P]``). ``temperature=0`` is greedy. A row ends after
+    ``stop_token``; the loop ends when every row has.
+    """
+    cfg = model.config
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected None or a float in (0, 1], got {top_p!r}")
+    for name, tok in (("stop_token", stop_token), ("pad_token", pad_token)):
+        if tok is not None and not (isinstance(tok, int) and 0 <= tok < cfg.vocab_size):
+            raise ValueError(f"{name}: expected None or a token id in [0, vocab_size={cfg.vocab_size}), got {tok!r}")
+    tokens, segment_ids = _left_pad(prompts, pad_token)
+    if tokens.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"prompts: the longest prompt has {tokens.shape[1]} tokens, more than max_seq_len="
+                         f"{cfg.max_seq_len}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"prompts: token id {lo if lo < 0 else hi} is out of range [0, vocab_size={cfg.vocab_size})")
+    graphdef, state = nnx.split(model)
+    out, bad_step = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids),
+                              jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
+                              temperature=float(temperature), top_k=top_k,
+                              top_p=None if top_p is None else float(top_p), stop_token=stop_token,
+                              pad_token=pad_token)
+    out, bad_step = np.asarray(out), np.asarray(bad_step)
+    if (bad_step >= 0).any():
+        rows = np.nonzero(bad_step >= 0)[0].tolist()
+        raise FloatingPointError(f"generate: non-finite logits (NaN or inf) in rows {rows} at steps "
+                                 f"{bad_step[rows].tolist()}; check the model parameters and inputs")
+    if stop_token is None:
+        lengths = np.full((out.shape[0],), max_new_tokens, np.int32)
+    else:
+        is_stop = out == stop_token
+        lengths = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, max_new_tokens).astype(np.int32)
+    return Generation(tokens=out, lengths=lengths)

@@ -1,0 +1,351 @@
+"""Token mixers (SPEC §5): ``DeltaNet``, ``GatedDeltaNet``, ``OSDN`` and ``OSGatedDeltaNet``.
+
+Each is an NNX module usable alone in any model: ``mixer(x [B, T, hidden], segment_ids=[B, T]) ->
+[B, T, hidden]``. The math lives in ``osdn_jax.ops``; a mixer holds parameters and calls it.
+
+Common path: q, k, v = Linear(hidden, H·K) → causal depthwise short conv (kernel 4) → SiLU; q and k
+L2-normalised per head; β = sigmoid(Linear(hidden, H)); the op; per-head RMSNorm (Gated DeltaNet: a
+gated RMSNorm with an output gate); o_proj.
+
+Recurrent use: ``prefill(x, segment_ids, cache)`` returns the output and a ``MixerCache`` (conv
+histories, the fp32 state S and, for OSDN, the preconditioner d); ``step(x [B, hidden], cache)``
+advances one token. Both are exact continuations of the parallel forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from osdn_jax import ops
+from osdn_jax.layers import Dtype, GatedRMSNorm, RMSNorm, ShortConv, dense
+from osdn_jax.ops import checks
+from osdn_jax.presets import get_preset
+
+
+def _require(ok: bool, field: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{field}: expected {expected}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaNetConfig:
+    """Options of the DeltaNet mixer (sizes come from the model: hidden size and heads)."""
+
+    name: ClassVar[str] = "deltanet"
+    conv_size: int = 4  # short convolution kernel
+    norm_eps: float = 1e-6  # per-head output RMSNorm
+    impl: str = "auto"  # ops path: auto | reference | chunked | pallas
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        _require(isinstance(self.conv_size, int) and self.conv_size >= 1, "conv_size", "an int >= 1",
+                 self.conv_size)
+        _require(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
+        _require(self.impl in ops.IMPLS, "impl", f"one of {ops.IMPLS}", self.impl)
+        checks.check_chunk_size(self.chunk_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedDeltaNetConfig(DeltaNetConfig):
+    """Gated DeltaNet: log decay ``g = -exp(A_log) · softplus(a(x) + dt_bias)``, output gate."""
+
+    name: ClassVar[str] = "gdn"
+    a_init_range: tuple[float, float] = (1.0, 16.0)  # A ~ U(range), A_log = log A
+    dt_min: float = 0.001  # dt ~ log-uniform [dt_min, dt_max], dt_bias = softplus⁻¹(dt)
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        lo, hi = self.a_init_range
+        _require(0 < lo <= hi, "a_init_range", "0 < low <= high", self.a_init_range)
+        _require(0 < self.dt_min <= self.dt_max, "dt_min, dt_max", "0 < dt_min <= dt_max",
+                 (self.dt_min, self.dt_max))
+
+
+@dataclasses.dataclass(frozen=True)
+class OSDNConfig(DeltaNetConfig):
+    """OSDN: the write key is ``d ⊙ k`` with d learned online (SPEC §2–3).
+
+    ``preset`` ('apr' or 'may') gives η, d0's initial value and the clip range; the ``eta``,
+    ``d0_init``, ``d_min``, ``d_max`` fields override it when set. ``apf`` adds the forgetting gate
+    γ = sigmoid(W_a x + b_a) (W_a = 0, b_a = ``apf_bias_init`` at init); ``beta_aware`` selects the
+    β-aware hypergradient.
+    """
+
+    name: ClassVar[str] = "osdn"
+    preset: str = "apr"
+    apf: bool = False
+    beta_aware: bool = False
+    eta: float | None = None
+    d0_init: float | None = None
+    d_min: float | None = None
+    d_max: float | None = None
+    apf_bias_init: float = 6.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        get_preset(self.preset)  # names the preset on error
+        lo, hi = self.clip_range
+        _require(lo is None or hi is None or lo <= hi, "d_min, d_max", "d_min <= d_max", (lo, hi))
+        _require(self.step_size >= 0, "eta", ">= 0", self.step_size)
+
+    @property
+    def step_size(self) -> float:
+        return get_preset(self.preset).eta if self.eta is None else self.eta
+
+    @property
+    def initial_d(self) -> float:
+        return get_preset(self.preset).d0_init if self.d0_init is None else self.d0_init
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        p = get_preset(self.preset)
+        return (p.d_min if self.d_min is None else self.d_min, p.d_max if self.d_max is None else self.d_max)
+
+
+@dataclasses.dataclass(frozen=True)
+class OSGatedDeltaNetConfig(GatedDeltaNetConfig, OSDNConfig):
+    """OS-Gated DeltaNet: Gated DeltaNet with the OSDN write key; the β-aware rule by default."""
+
+    name: ClassVar[str] = "os_gdn"
+    beta_aware: bool = True
+
+
+MixerConfig = DeltaNetConfig  # every mixer config is a DeltaNetConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MixerCache:
+    """Recurrent state of one mixer: conv histories ``(q, k, v) [B, W-1, H·K]`` (compute dtype), the
+    state ``S [B, H, K, V]`` (fp32) and, for OSDN mixers, ``d [B, H, K]`` (fp32, the value the next
+    token writes with)."""
+
+    conv: tuple[jax.Array, jax.Array, jax.Array]
+    state: jax.Array
+    d: jax.Array | None = None
+
+
+class DeltaNet(nnx.Module):
+    """DeltaNet token mixer; the base of the other three.
+
+    ``DeltaNet(hidden_size, num_heads, config, *, rngs)``; head dim ``hidden_size // num_heads``.
+    ``dtype`` is the compute dtype, ``param_dtype`` the parameters' (fp32 by default).
+    """
+
+    config_class: ClassVar[type] = DeltaNetConfig
+
+    def __init__(self, hidden_size: int, num_heads: int, config: DeltaNetConfig | None = None, *,
+                 rngs: nnx.Rngs, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                 init_range: float = 0.02):
+        config = self.config_class() if config is None else config
+        _require(isinstance(config, self.config_class), "config", f"a {self.config_class.__name__}",
+                 type(config).__name__)
+        _require(isinstance(num_heads, int) and num_heads >= 1, "num_heads", "an int >= 1", num_heads)
+        _require(isinstance(hidden_size, int) and hidden_size >= 1 and hidden_size % num_heads == 0,
+                 "hidden_size", f"a positive multiple of num_heads={num_heads}", hidden_size)
+        self.config = config
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = hidden_size // num_heads
+        self.dtype = dtype
+        kw = dict(rngs=rngs, init_range=init_range, dtype=dtype, param_dtype=param_dtype)
+        D = hidden_size
+        self.q_proj = dense(hidden_size, D, ("embed", "heads"), **kw)
+        self.k_proj = dense(hidden_size, D, ("embed", "heads"), **kw)
+        self.v_proj = dense(hidden_size, D, ("embed", "heads"), **kw)
+        self.q_conv = ShortConv(D, config.conv_size, rngs=rngs, param_dtype=param_dtype)
+        self.k_conv = ShortConv(D, config.conv_size, rngs=rngs, param_dtype=param_dtype)
+        self.v_conv = ShortConv(D, config.conv_size, rngs=rngs, param_dtype=param_dtype)
+        self.b_proj = dense(hidden_size, num_heads, ("embed", None), **kw)
+        self.o_norm = self._make_norm(param_dtype)
+        self.o_proj = dense(D, hidden_size, ("heads", "embed"), **kw)
+        self._init_extra(kw)
+
+    # -- hooks for the variants ------------------------------------------------------------------
+
+    def _make_norm(self, param_dtype) -> RMSNorm:
+        return RMSNorm(self.head_dim, eps=self.config.norm_eps, param_dtype=param_dtype, axis_name=None)
+
+    def _init_extra(self, kw: dict) -> None:
+        """Variant parameters (gates, d0)."""
+
+    def _gates(self, x: jax.Array) -> dict:
+        """Per-token gates for the op from the mixer input ``x [B, T, hidden]`` (fp32 ``[B, T, H]``)."""
+        return {}
+
+    def _normalize_output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        return self.o_norm(o)
+
+    def _op(self, q, k, v, beta, gates, *, segment_ids, cache, impl):
+        """Runs the op; returns ``(o [B, T, H, V], S [B, H, K, V], d or None)``."""
+        o, S = ops.delta_rule(q, k, v, beta, log_decay=gates.get("log_decay"), segment_ids=segment_ids,
+                              initial_state=None if cache is None else cache.state, output_final_state=True,
+                              chunk_size=self.config.chunk_size, impl=impl)
+        return o, S, None
+
+    def _initial_d(self, batch_size: int) -> jax.Array | None:
+        return None
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """``x [B, T, hidden]`` → ``[B, T, hidden]``; the state restarts at each document of
+        ``segment_ids [B, T]`` (integers; a change of id starts a document)."""
+        return self._forward(x, segment_ids, None, self.config.impl)[0]
+
+    def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None,
+                cache: MixerCache | None = None) -> tuple[jax.Array, MixerCache]:
+        """Like ``__call__`` but also returns the cache after the last token; starts from ``cache``
+        when given (which then belongs to the first document of ``segment_ids``)."""
+        return self._forward(x, segment_ids, cache, self.config.impl)
+
+    def step(self, x: jax.Array, cache: MixerCache) -> tuple[jax.Array, MixerCache]:
+        """One token ``x [B, hidden]`` → ``(y [B, hidden], cache)`` (the token-by-token recurrence)."""
+        if not hasattr(x, "ndim") or x.ndim != 2:
+            checks.fail("x", f"a rank-2 array [B, hidden={self.hidden_size}] (one token per row)", x)
+        y, cache = self._forward(x[:, None], None, cache, "reference")
+        return y[:, 0], cache
+
+    def init_cache(self, batch_size: int) -> MixerCache:
+        """The cache at a sequence start: zero conv histories and state (d = d0 for OSDN)."""
+        W, D, H, K = self.config.conv_size, self.hidden_size, self.num_heads, self.head_dim
+        hist = jnp.zeros((batch_size, W - 1, D), self.dtype)
+        return MixerCache(conv=(hist, hist, hist), state=jnp.zeros((batch_size, H, K, K), jnp.float32),
+                          d=self._initial_d(batch_size))
+
+    def _check_input(self, x, segment_ids):
+        if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != self.hidden_size:
+            checks.fail("x", f"an array [B, T, hidden={self.hidden_size}]", x)
+        if jnp.dtype(x.dtype) not in checks.FLOAT_DTYPES:
+            checks.fail("x", "a float array [B, T, hidden]", x)
+        checks.check_segment_ids(segment_ids, x.shape[0], x.shape[1])
+
+    def _forward(self, x, segment_ids, cache, impl):
+        self._check_input(x, segment_ids)
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        x = x.astype(self.dtype)
+        pre = (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [B, T, H·K] before the conv
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        hist = (None, None, None) if cache is None else cache.conv
+        q, k, v = (jax.nn.silu(conv(p, segment_ids, history=h)).reshape(B, T, H, K)
+                   for conv, p, h in zip(convs, pre, hist))
+        q, k = ops.l2_normalize(q), ops.l2_normalize(k)
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+        o, S, d = self._op(q, k, v, beta, self._gates(x), segment_ids=segment_ids, cache=cache, impl=impl)
+        o = self._normalize_output(o.astype(self.dtype), x).reshape(B, T, H * K)
+        new_hist = tuple(conv.final_history(p, segment_ids, history=h) for conv, p, h in zip(convs, pre, hist))
+        return self.o_proj(o), MixerCache(conv=new_hist, state=S, d=d)
+
+
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet: decay ``S ← exp(g) S`` with ``g = -exp(A_log)·softplus(a(x) + dt_bias)`` and an
+    output gate through a per-head gated RMSNorm."""
+
+    config_class: ClassVar[type] = GatedDeltaNetConfig
+
+    def _make_norm(self, param_dtype) -> RMSNorm:
+        return GatedRMSNorm(self.head_dim, eps=self.config.norm_eps, param_dtype=param_dtype, axis_name=None)
+
+    def _init_extra(self, kw: dict) -> None:
+        super()._init_extra(kw)
+        cfg, H = self.config, self.num_heads
+        rngs, param_dtype = kw["rngs"], kw["param_dtype"]
+        self.a_proj = dense(self.hidden_size, H, ("embed", None), **kw)
+        self.g_proj = dense(self.hidden_size, self.hidden_size, ("embed", "heads"), **kw)
+        A = jax.random.uniform(rngs.params(), (H,), jnp.float32, *cfg.a_init_range)
+        self.A_log = nnx.Param(jnp.log(A).astype(param_dtype), out_sharding=(None,), eager_sharding=False)
+        u = jax.random.uniform(rngs.params(), (H,), jnp.float32)
+        dt = jnp.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = jnp.maximum(dt, cfg.dt_init_floor)
+        self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype),  # softplus⁻¹(dt)
+                                 out_sharding=(None,), eager_sharding=False)
+
+    def _gates(self, x: jax.Array) -> dict:
+        gates = super()._gates(x)
+        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        gates["log_decay"] = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
+        return gates
+
+    def _normalize_output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        B, T, H, V = o.shape
+        return self.o_norm(o, self.g_proj(x).reshape(B, T, H, V))
+
+
+class _OSDNMixin:
+    """The OSDN additions: the learnable ``d0 [H, K]`` and, with APF, ``W_a: Linear(hidden, H, bias)``."""
+
+    def _init_extra(self, kw: dict) -> None:
+        super()._init_extra(kw)
+        cfg = self.config
+        self.d0 = nnx.Param(jnp.full((self.num_heads, self.head_dim), cfg.initial_d, kw["param_dtype"]),
+                            out_sharding=(None, None), eager_sharding=False)
+        if cfg.apf:
+            self.apf_proj = dense(self.hidden_size, self.num_heads, ("embed", None), use_bias=True,
+                                  kernel_init=nnx.initializers.zeros_init(),
+                                  bias_init=nnx.initializers.constant(cfg.apf_bias_init),
+                                  **{**kw, "init_range": 0.0})
+
+    def _gates(self, x: jax.Array) -> dict:
+        gates = super()._gates(x)
+        if self.config.apf:
+            gates["log_gamma"] = jax.nn.log_sigmoid(self.apf_proj(x).astype(jnp.float32))
+        return gates
+
+    def _op(self, q, k, v, beta, gates, *, segment_ids, cache, impl):
+        cfg = self.config
+        d_min, d_max = cfg.clip_range
+        return ops.osdn(q, k, v, beta, self.d0[...].astype(jnp.float32), eta=cfg.step_size, d_min=d_min,
+                        d_max=d_max, log_gamma=gates.get("log_gamma"), beta_aware=cfg.beta_aware,
+                        log_decay=gates.get("log_decay"), segment_ids=segment_ids,
+                        initial_state=None if cache is None else cache.state,
+                        initial_d=None if cache is None else cache.d, output_final_state=True,
+                        chunk_size=cfg.chunk_size, impl=impl)
+
+    def _initial_d(self, batch_size: int) -> jax.Array:
+        d0 = self.d0[...].astype(jnp.float32)
+        return jnp.broadcast_to(d0, (batch_size, *d0.shape))
+
+
+class OSDN(_OSDNMixin, DeltaNet):
+    """OSDN token mixer (SPEC §5): DeltaNet whose write key is ``d ⊙ k``, d learned online."""
+
+    config_class: ClassVar[type] = OSDNConfig
+
+
+class OSGatedDeltaNet(_OSDNMixin, GatedDeltaNet):
+    """OS-Gated DeltaNet: Gated DeltaNet with the OSDN write key (β-aware rule by default)."""
+
+    config_class: ClassVar[type] = OSGatedDeltaNetConfig
+
+
+MIXERS: dict[str, type[DeltaNet]] = {
+    "deltanet": DeltaNet,
+    "gdn": GatedDeltaNet,
+    "osdn": OSDN,
+    "os_gdn": OSGatedDeltaNet,
+}
+
+
+def mixer_class(config: DeltaNetConfig) -> type[DeltaNet]:
+    """The mixer module built from ``config`` (matched on the config's exact class)."""
+    for cls in MIXERS.values():
+        if type(config) is cls.config_class:
+            return cls
+    raise ValueError(f"mixer: expected one of {[c.config_class.__name__ for c in MIXERS.values()]}, "
+                     f"got {type(config).__name__}")
+
+
+def mixer_config(name: str, **options) -> DeltaNetConfig:
+    """The config of the mixer called ``name`` (``deltanet``, ``gdn``, ``osdn``, ``os_gdn``)."""
+    key = name.replace("-", "_").lower()
+    if key not in MIXERS:
+        raise ValueError(f"mixer: unknown mixer {name!r}; expected one of {sorted(MIXERS)}")
+    return MIXERS[key].config_class(**options)

@@ -1,0 +1,221 @@
+"""The causal language model (SPEC §5) and its named presets.
+
+Block: RMSNorm → mixer → residual; RMSNorm → SwiGLU MLP → residual. Untied embeddings, a final
+RMSNorm and an LM head. Parameters are fp32 by default; ``compute_dtype`` sets the activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from osdn_jax.layers import RMSNorm, SwiGLU, annotated, dense, mlp_width
+from osdn_jax.mixers import (MIXERS, DeltaNetConfig, GatedDeltaNetConfig, MixerCache, OSDNConfig,
+                             OSGatedDeltaNetConfig, mixer_class, mixer_config)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _require(ok: bool, field: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{field}: expected {expected}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A causal LM. ``mixer`` is the token mixer's config; its class picks the mixer."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 8
+    mixer: DeltaNetConfig = OSDNConfig()
+    mlp_ratio: float = 4.0  # SwiGLU width: 256 · ceil(int(hidden · ratio · 2/3) / 256)
+    intermediate_size: int | None = None  # overrides the width rule
+    norm_eps: float = 1e-6
+    init_range: float = 0.02  # std of the N(0, σ) init of linear and embedding weights
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    max_seq_len: int = 4096  # longest prompt / training row accepted
+    remat: bool = False  # rematerialise each block in the backward pass
+
+    def __post_init__(self):
+        for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
+            v = getattr(self, field)
+            _require(isinstance(v, int) and v >= 1, field, "an int >= 1", v)
+        _require(self.hidden_size % self.num_heads == 0, "hidden_size",
+                 f"a multiple of num_heads={self.num_heads}", self.hidden_size)
+        _require(isinstance(self.mixer, DeltaNetConfig), "mixer", "a mixer config (e.g. OSDNConfig())",
+                 self.mixer)
+        mixer_class(self.mixer)
+        _require(self.param_dtype in DTYPES, "param_dtype", f"one of {sorted(DTYPES)}", self.param_dtype)
+        _require(self.compute_dtype in DTYPES, "compute_dtype", f"one of {sorted(DTYPES)}", self.compute_dtype)
+        _require(self.intermediate_size is None or self.intermediate_size >= 1, "intermediate_size",
+                 "None or an int >= 1", self.intermediate_size)
+
+    @property
+    def mixer_name(self) -> str:
+        return self.mixer.name
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size or mlp_width(self.hidden_size, self.mlp_ratio)
+
+
+_SIZES = {
+    "340m": dict(hidden_size=1024, num_layers=24, num_heads=8),
+    "1.3b": dict(hidden_size=2048, num_layers=24, num_heads=16),
+}
+_MIXER_PREFIX = {"deltanet": DeltaNetConfig, "gdn": GatedDeltaNetConfig, "osdn": OSDNConfig,
+                 "os-gdn": OSGatedDeltaNetConfig}
+
+PRESETS: dict[str, ModelConfig] = {
+    # Runs in seconds on a CPU; vocab fits the byte-level tokenizer (256 bytes + specials).
+    "tiny": ModelConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=2, compute_dtype="float32",
+                        max_seq_len=1024),
+    # ~20M parameters (byte-level vocab): CPU experiments and benchmarks.
+    "small": ModelConfig(vocab_size=512, hidden_size=512, num_layers=6, num_heads=8, compute_dtype="float32",
+                         max_seq_len=2048),
+    **{f"{prefix}-{size}": ModelConfig(mixer=cls(), **dims) for prefix, cls in _MIXER_PREFIX.items()
+       for size, dims in _SIZES.items()},
+}
+
+
+def model_config(name: str, *, mixer: str | DeltaNetConfig | None = None, **overrides) -> ModelConfig:
+    """The preset ``name`` (``tiny``, ``osdn-340m``, ``deltanet-1.3b``, ...) with ``overrides``.
+
+    ``mixer`` replaces the preset's mixer: a name (``deltanet``, ``gdn``, ``osdn``, ``os_gdn``) for its
+    default config, or a config. Unknown preset or field names raise a ``ValueError``.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"overrides: unknown ModelConfig fields {unknown}; expected some of {sorted(fields)}")
+    if mixer is not None:
+        overrides["mixer"] = mixer_config(mixer) if isinstance(mixer, str) else mixer
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelCache:
+    """Decoding state of the whole model: one ``MixerCache`` per layer. Its size does not grow with
+    the number of tokens decoded."""
+
+    layers: tuple[MixerCache, ...]
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = DTYPES[config.compute_dtype], DTYPES[config.param_dtype]
+        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
+        self.mixer = mixer_class(config.mixer)(config.hidden_size, config.num_heads, config.mixer, rngs=rngs,
+                                               dtype=dtype, param_dtype=pdtype, init_range=config.init_range)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
+        self.mlp = SwiGLU(config.hidden_size, config.mlp_width, rngs=rngs, init_range=config.init_range,
+                          dtype=dtype, param_dtype=pdtype)
+
+    def __call__(self, x, segment_ids=None, cache=None, mode="forward"):
+        h = self.mixer_norm(x)
+        if mode == "forward":
+            h, new_cache = self.mixer(h, segment_ids), None
+        elif mode == "prefill":
+            h, new_cache = self.mixer.prefill(h, segment_ids, cache)
+        else:
+            h, new_cache = self.mixer.step(h, cache)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), new_cache
+
+
+def _check_tokens(name: str, tokens, vocab_size: int, rank: int, layout: str) -> None:
+    if not hasattr(tokens, "ndim") or tokens.ndim != rank or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        shape = getattr(tokens, "shape", type(tokens).__name__)
+        dtype = getattr(tokens, "dtype", "")
+        raise ValueError(f"{name}: expected an integer array {layout}, got {shape} {dtype}".rstrip())
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        host = np.asarray(tokens)
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name}: token id {bad} is out of range [0, vocab_size={vocab_size})")
+
+
+class CausalLM(nnx.Module):
+    """``CausalLM(config, rngs=...)``: ``model(tokens [B, T], segment_ids) -> logits [B, T, vocab]``
+    (fp32), plus ``init_cache`` / ``prefill`` / ``decode_step`` for recurrent decoding."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, pdtype = DTYPES[config.compute_dtype], DTYPES[config.param_dtype]
+        self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=pdtype,
+                               embedding_init=annotated(nnx.initializers.normal(config.init_range),
+                                                        ("vocab", "embed")), rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
+        self.lm_head = dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs,
+                             init_range=config.init_range, dtype=dtype, param_dtype=pdtype)
+
+    def _run(self, tokens, segment_ids, caches, mode):
+        x = self.embed(tokens)
+        new = []
+        for i, block in enumerate(self.blocks):
+            cache = None if caches is None else caches.layers[i]
+            if self.config.remat and mode == "forward":
+                x, c = nnx.remat(lambda b, h, s: b(h, s))(block, x, segment_ids)
+            else:
+                x, c = block(x, segment_ids, cache, mode)
+            new.append(c)
+        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        return logits, (None if mode == "forward" else ModelCache(tuple(new)))
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """``tokens [B, T]`` (integers) → logits ``[B, T, vocab]`` fp32. ``segment_ids [B, T]``: packed
+        documents; every state (S, d, conv) restarts where the id changes."""
+        _check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
+        return self._run(tokens, segment_ids, None, "forward")[0]
+
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> ModelCache:
+        """The empty decoding cache for ``batch_size`` rows. Its memory is fixed (recurrent state);
+        ``max_len`` is accepted for API symmetry and only checked against ``config.max_seq_len``."""
+        _require(isinstance(batch_size, int) and batch_size >= 1, "batch_size", "an int >= 1", batch_size)
+        if max_len is not None:
+            _require(1 <= max_len <= self.config.max_seq_len, "max_len",
+                     f"1 <= max_len <= max_seq_len={self.config.max_seq_len}", max_len)
+        return ModelCache(tuple(b.mixer.init_cache(batch_size) for b in self.blocks))
+
+    def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                cache: ModelCache | None = None) -> tuple[jax.Array, ModelCache]:
+        """Parallel (chunked / kernel) pass over a prompt ``tokens [B, T]``: ``(logits [B, T, vocab],
+        cache)`` with the final S, d and conv states. Continues from ``cache`` when given."""
+        _check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
+        if tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"tokens: the prompt has {tokens.shape[1]} tokens, more than max_seq_len="
+                             f"{self.config.max_seq_len}")
+        return self._run(tokens, segment_ids, cache, "prefill")
+
+    def decode_step(self, token: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
+        """One token per row ``token [B]`` → ``(logits [B, vocab], cache)``."""
+        _check_tokens("token", token, self.config.vocab_size, 1, "[B]")
+        logits, cache = self._run(token, None, cache, "step")
+        return logits, cache
+
+
+def count_params(config: ModelConfig) -> int:
+    """Number of parameters of ``CausalLM(config)``, computed abstractly (nothing is allocated)."""
+    model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+__all__ = ["PRESETS", "Block", "CausalLM", "ModelCache", "ModelConfig", "MIXERS", "count_params", "model_config"]

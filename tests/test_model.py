@@ -1,0 +1,157 @@
+"""The causal LM: presets and parameter counts, recurrent decoding == parallel forward, packed
+documents, dtype policy, remat, sharding annotations, errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from osdn_jax import CausalLM, OSDNConfig, OSGatedDeltaNetConfig, count_params, mixer_config, model_config
+from osdn_jax.model import PRESETS
+
+MIXER_CASES = {
+    "deltanet": mixer_config("deltanet"),
+    "gdn": mixer_config("gdn"),
+    "osdn": OSDNConfig(),
+    "osdn_apf_may": OSDNConfig(preset="may", apf=True),
+    "os_gdn": OSGatedDeltaNetConfig(apf=True),
+}
+LOGICAL_AXES = {None, "embed", "heads", "mlp", "vocab"}
+
+
+def _tiny(mixer, **overrides):
+    return CausalLM(model_config("tiny", mixer=mixer, **overrides), rngs=nnx.Rngs(0))
+
+
+def _tokens(B, T, vocab=512, seed=0):
+    return jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, vocab)
+
+
+@pytest.mark.parametrize("name, expected", [("osdn-340m", 374e6), ("deltanet-1.3b", 1.366e9)])
+def test_parameter_counts_match_the_authors(name, expected):
+    n = count_params(model_config(name))
+    assert abs(n - expected) / expected < 2e-3, n
+
+
+def test_every_preset_builds_abstractly():
+    counts = {name: count_params(cfg) for name, cfg in PRESETS.items()}
+    assert counts["gdn-340m"] > counts["osdn-340m"] > counts["deltanet-340m"]
+    assert counts["osdn-340m"] - counts["deltanet-340m"] == 24 * 8 * 128  # only d0 [H, K] per layer
+    assert counts["tiny"] < 1e6
+
+
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+def test_decoding_reproduces_the_parallel_forward(name):
+    """SPEC §7.6: prefill of odd length, then token-by-token steps == one parallel pass (fp32)."""
+    model = _tiny(MIXER_CASES[name])
+    tokens = _tokens(2, 29)
+    full = nnx.jit(lambda m, t: m(t))(model, tokens)
+    prefill = nnx.jit(lambda m, t: m.prefill(t))
+    step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+    logits, cache = prefill(model, tokens[:, :13])
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, :13]), rtol=1e-5, atol=1e-5)
+    steps = []
+    for t in range(13, 29):
+        lg, cache = step(model, tokens[:, t], cache)
+        steps.append(lg)
+    np.testing.assert_allclose(np.asarray(jnp.stack(steps, 1)), np.asarray(full[:, 13:]), rtol=1e-5, atol=1e-5)
+    # from an empty cache, one token at a time
+    cache = model.init_cache(2)
+    lg, cache = step(model, tokens[:, 0], cache)
+    lg2, _ = step(model, tokens[:, 1], cache)
+    np.testing.assert_allclose(np.asarray(jnp.stack([lg, lg2], 1)), np.asarray(full[:, :2]), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_size_is_constant():
+    model = _tiny("osdn")
+    cache = model.init_cache(3)
+    _, after = nnx.jit(lambda m, t, c: m.decode_step(t, c))(model, jnp.zeros((3,), jnp.int32), cache)
+    shapes = jax.tree.map(lambda a: a.shape, cache)
+    assert jax.tree.map(lambda a: a.shape, after) == shapes
+    _, prefilled = model.prefill(_tokens(3, 40))
+    assert jax.tree.map(lambda a: a.shape, prefilled) == shapes
+
+
+def test_packed_documents_reset_every_state():
+    model = _tiny("os_gdn")
+    tokens = _tokens(1, 40)
+    seg = jnp.concatenate([jnp.zeros((1, 17), jnp.int32), jnp.ones((1, 23), jnp.int32)], axis=1)
+    packed = model(tokens, seg)
+    np.testing.assert_allclose(np.asarray(packed[:, 17:]), np.asarray(model(tokens[:, 17:])), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(packed[:, :17]), np.asarray(model(tokens[:, :17])), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits():
+    model = _tiny("osdn", compute_dtype="bfloat16")
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    tokens = _tokens(2, 33)
+    logits = model(tokens)
+    assert logits.dtype == jnp.float32
+    ref = _tiny("osdn")(tokens)
+    rel = float(jnp.sqrt(jnp.mean((logits - ref) ** 2) / jnp.mean(ref**2)))
+    assert rel < 3e-2, rel
+    grads = nnx.grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+    assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_remat_gives_the_same_gradients():
+    tokens = _tokens(2, 20)
+
+    def loss(m):
+        return jnp.mean(jax.nn.log_softmax(m(tokens)) ** 2)
+
+    g_plain = nnx.grad(loss)(_tiny("osdn"))
+    g_remat = nnx.jit(nnx.grad(loss))(_tiny("osdn", remat=True))
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_parameters_carry_logical_axis_names_and_shard_on_a_mesh():
+    model = _tiny("os_gdn")
+    params = nnx.state(model, nnx.Param)
+    for path, var in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var[...].ndim, jax.tree_util.keystr(path)
+        assert set(names) <= LOGICAL_AXES, (jax.tree_util.keystr(path), names)
+    assert model.embed.embedding.get_metadata()["out_sharding"] == ("vocab", "embed")
+    assert model.lm_head.kernel.get_metadata()["out_sharding"] == ("embed", "vocab")
+
+    mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    rules = (("embed", "fsdp"), ("heads", None), ("mlp", None), ("vocab", None))
+    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else jax.set_mesh(mesh), \
+            nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(params)
+        shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+        placed = jax.device_put(nnx.to_pure_dict(params), nnx.to_pure_dict(shardings))
+    graphdef, _ = nnx.split(model)
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, {**nnx.to_pure_dict(state), **placed})
+    logits = nnx.merge(graphdef, state)(_tokens(1, 8))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(_tokens(1, 8))), rtol=1e-6)
+
+
+def test_errors_name_the_value():
+    model = _tiny("osdn")
+    with pytest.raises(ValueError, match=r"tokens: token id 512 is out of range \[0, vocab_size=512\)"):
+        model(jnp.array([[1, 512]]))
+    with pytest.raises(ValueError, match="tokens: token id -1"):
+        model(jnp.array([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"tokens: expected an integer array \[B, T\]"):
+        model(jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match="more than max_seq_len=1024"):
+        model.prefill(jnp.zeros((1, 1025), jnp.int32))
+    with pytest.raises(ValueError, match="preset: unknown model preset 'osdn-7b'"):
+        model_config("osdn-7b")
+    with pytest.raises(ValueError, match="mixer: unknown mixer 'mamba'"):
+        model_config("tiny", mixer="mamba")
+    with pytest.raises(ValueError, match=r"overrides: unknown ModelConfig fields \['hidden'\]"):
+        model_config("tiny", hidden=3)
+    with pytest.raises(ValueError, match="hidden_size: expected a multiple of num_heads=3"):
+        model_config("tiny", num_heads=3)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        model_config("tiny", compute_dtype="fp8")
+    with pytest.raises(ValueError, match="mixer: expected a mixer config"):
+        dataclasses.replace(model_config("tiny"), mixer="osdn")
