@@ -13,3 +13,19 @@ def test_gpu_suite_smoke():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| gdn") or line.startswith("| osdn")]
     assert len(rows) == 2, out.stdout
+
+
+def test_model_cpu_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "model_cpu.py"), "--smoke", "--presets", "tiny",
+                          "--mixers", "deltanet", "osdn"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2, out.stdout
+
+
+def test_train_throughput_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke", "--mixers",
+                          "osdn"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 1 and "%" in rows[0], out.stdout

@@ -15,7 +15,8 @@ def test_subpackages_import_under_osdn_jax(tmp_path):
     top-level name (checked from outside the checkout, where the repo root is not on sys.path)."""
     code = (
         "import importlib, importlib.util\n"
-        "for name in ('osdn_jax.ops', 'osdn_jax.kernels', 'osdn_jax.train'):\n"
+        "for name in ('osdn_jax.ops', 'osdn_jax.kernels', 'osdn_jax.train', 'osdn_jax.train.loop',\n"
+        "             'osdn_jax.train.__main__', 'osdn_jax.model', 'osdn_jax.generate'):\n"
         "    importlib.import_module(name)\n"
         "print([n for n in ('kernels', 'train') if importlib.util.find_spec(n) is not None])\n"
     )
@@ -47,3 +48,11 @@ def test_ops_run_under_user_jit_and_vmap():
     one = f(q[1], k[1], x[1], beta[1])
     assert jnp.allclose(batched[1], one, atol=1e-6)
     assert jax.grad(lambda v: jnp.sum(f(q[0], k[0], v, beta[0])))(x[0]).shape == x[0].shape
+
+
+def test_console_script_and_packaged_corpus():
+    from importlib import metadata, resources
+
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("osdn-train") == "osdn_jax.train.__main__:main"
+    assert resources.files("osdn_jax.train").joinpath("corpus/kjv.txt.gz").is_file()

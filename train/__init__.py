@@ -1,4 +1,6 @@
 """Training, data, checkpoints and evaluation (installed as ``osdn_jax.train``).
 
-Empty until the training issue lands.
+``python -m osdn_jax.train --help`` (or ``osdn-train``) lists the configuration. Modules:
+``config`` (the dataclass tree and CLI), ``data`` / ``sources`` / ``tokenizer`` (grain pipeline),
+``optim``, ``sharding``, ``step``, ``checkpoint``, ``metrics``, ``loop`` (the run).
 """

@@ -1,0 +1,117 @@
+"""Training throughput: tokens/s and estimated model FLOP utilisation (MFU) of full training steps
+(forward, backward, AdamW update; the same step `python -m osdn_jax.train` runs).
+
+    python benchmarks/train_throughput.py                       # CPU: `tiny`, every mixer
+    python benchmarks/train_throughput.py --presets osdn-340m deltanet-340m --seq-len 4096 \
+        --batch 8 --compute-dtype bfloat16                      # one GPU (H200)
+
+FLOPs per token (an estimate, stated so it can be checked): 6 × the matmul parameters (everything
+but the embedding table) plus the chunked delta rule, per layer and head ≈ 3 × (6·K·V + 4·C·K +
+4·C·V) for C = 64 (forward ≈ ⅓, backward ≈ ⅔). MFU divides by the device's peak: on a CPU the
+measured throughput of a large fp32 matmul on this machine, on a GPU the nominal dense peak of the
+compute dtype (H200: 989 TFLOP/s bf16, 494 TFLOP/s tf32/fp32 tensor cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from osdn_jax import CausalLM, count_params, model_config
+from osdn_jax.train.config import OptimConfig
+from osdn_jax.train.optim import make_optimizer
+from osdn_jax.train.step import make_train_step
+
+GPU_PEAK_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}  # H200 SXM, dense
+
+
+def flops_per_token(cfg) -> float:
+    n = count_params(cfg) - cfg.vocab_size * cfg.hidden_size  # the embedding lookup is not a matmul
+    K = V = cfg.head_dim
+    C = cfg.mixer.chunk_size
+    op = 3 * (6 * K * V + 4 * C * K + 4 * C * V) * cfg.num_heads * cfg.num_layers
+    return 6.0 * n + op
+
+
+def cpu_peak_flops() -> float:
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    t = time.perf_counter()
+    for _ in range(5):
+        jax.block_until_ready(f(a))
+    return 5 * 2 * 2048**3 / (time.perf_counter() - t)
+
+
+def step_seconds(cfg, B: int, T: int, repeats: int) -> float:
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    tx = make_optimizer(OptimConfig(), 1000)
+    opt_state = tx.init(params)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, T), np.int32),
+             "loss_mask": np.ones((B, T), np.float32)}
+    batch = jax.tree.map(jnp.asarray, batch)
+    step = jax.jit(make_train_step(graphdef, tx, 1), donate_argnums=(0, 1))
+    params, opt_state, m = step(params, opt_state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        params, opt_state, m = step(params, opt_state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["tiny"])
+    p.add_argument("--mixers", nargs="+", default=None, help="override the preset's mixer (default on CPU: all)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--compute-dtype", default=None)
+    p.add_argument("--impl", default="auto")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (CI)")
+    args = p.parse_args(argv)
+    on_gpu = jax.default_backend() == "gpu"
+    mixers = args.mixers or ([None] if on_gpu or args.presets != ["tiny"] else ["deltanet", "gdn", "osdn", "os_gdn"])
+    if args.smoke:
+        args.batch, args.seq_len, args.repeats = 2, 32, 1
+    peak = None if on_gpu else cpu_peak_flops()
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); batch {args.batch}x{args.seq_len}; "
+          + ("peak = nominal dense peak" if on_gpu else f"peak = measured fp32 matmul {peak / 1e9:.1f} GFLOP/s"))
+    head = f"| {'model':14s} | {'mixer':8s} | {'params':>8s} | {'step ms':>9s} | {'tokens/s':>10s} | {'TFLOP/s':>8s} | {'MFU':>6s} |"
+    print(head)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    rows = {}
+    for preset in args.presets:
+        for mixer in mixers:
+            overrides = {"max_seq_len": max(args.seq_len, 1024), "remat": args.remat}
+            if args.compute_dtype:
+                overrides["compute_dtype"] = args.compute_dtype
+            cfg = model_config(preset, mixer=mixer, **overrides)
+            cfg = dataclasses.replace(cfg, mixer=dataclasses.replace(cfg.mixer, impl=args.impl))
+            s = step_seconds(cfg, args.batch, args.seq_len, args.repeats)
+            tok_s = args.batch * args.seq_len / s
+            flops = flops_per_token(cfg) * tok_s
+            device_peak = GPU_PEAK_TFLOPS[cfg.compute_dtype] * 1e12 if on_gpu else peak
+            rows[(preset, cfg.mixer_name)] = tok_s
+            print(f"| {preset:14s} | {cfg.mixer_name:8s} | {count_params(cfg) / 1e6:7.1f}M | {1e3 * s:9.1f} | "
+                  f"{tok_s:10.0f} | {flops / 1e12:8.3f} | {100 * flops / device_peak:5.1f}% |", flush=True)
+    if len(rows) == 2:
+        (a, ta), (b, tb) = rows.items()
+        print(f"ratio tokens/s {a[0]} / {b[0]}: {ta / tb:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The training configuration: a tree of frozen dataclasses, read from the command line (tyro),
+optionally on top of a JSON config file (``--config run.json``).
+
+Every field is listed with its default by ``python -m osdn_jax.train --help``. Unknown keys (on the
+command line or in the file) and bad values fail before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from osdn_jax.model import ModelConfig, model_config
+from osdn_jax.train.data import DataConfig
+
+
+def _require(ok: bool, field: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{field}: expected {expected}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """A model preset (``tiny``, ``small``, ``osdn-340m``, ``deltanet-1.3b``, ...) and overrides.
+
+    ``vocab_size`` always comes from the tokenizer. ``None`` keeps the preset's value.
+    """
+
+    preset: str = "tiny"
+    mixer: str | None = None  # deltanet | gdn | osdn | os_gdn (its default config)
+    osdn_preset: str | None = None  # OSDN mixers: apr | may
+    apf: bool | None = None  # OSDN mixers: the forgetting gate
+    beta_aware: bool | None = None  # OSDN mixers: the β-aware hypergradient
+    impl: str | None = None  # ops path: auto | reference | chunked | pallas
+    chunk_size: int | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    compute_dtype: str | None = None  # float32 | bfloat16
+    remat: bool | None = None
+
+    def build(self, vocab_size: int, max_seq_len: int) -> ModelConfig:
+        """The ``ModelConfig`` of this run (the vocab from the tokenizer, rows up to ``max_seq_len``)."""
+        cfg = model_config(self.preset, mixer=self.mixer)
+        mixer_changes = {"preset": self.osdn_preset, "apf": self.apf, "beta_aware": self.beta_aware,
+                         "impl": self.impl, "chunk_size": self.chunk_size}
+        mixer_changes = {k: v for k, v in mixer_changes.items() if v is not None}
+        osdn_only = {"preset", "apf", "beta_aware"} & set(mixer_changes)
+        if osdn_only and not hasattr(cfg.mixer, "preset"):
+            names = sorted("osdn_preset" if k == "preset" else k for k in osdn_only)
+            raise ValueError(f"model: {names} only apply to OSDN mixers, not {cfg.mixer.name!r}")
+        mixer = dataclasses.replace(cfg.mixer, **mixer_changes)
+        overrides = {k: getattr(self, k) for k in ("hidden_size", "num_layers", "num_heads", "compute_dtype",
+                                                   "remat") if getattr(self, k) is not None}
+        return dataclasses.replace(cfg, mixer=mixer, vocab_size=vocab_size,
+                                   max_seq_len=max(cfg.max_seq_len, max_seq_len), **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio · lr``; global-norm clipping.
+    Weight decay skips norms, biases and the mixers' d0 / A_log / dt_bias."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 turns clipping off
+    grad_accum: int = 1  # micro-batches per step (the batch is split along rows)
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", "> 0", self.lr)
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+        _require(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1, optim.b2", "in [0, 1)", (self.b1, self.b2))
+        _require(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
+        _require(self.grad_accum >= 1, "optim.grad_accum", ">= 1", self.grad_accum)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``(data, fsdp)``: batch rows are split over both axes, parameters and optimizer
+    state over ``fsdp`` (their ``embed`` dimension). ``data=-1`` takes every remaining device."""
+
+    data: int = -1
+    fsdp: int = 1
+    cpu_devices: int | None = None  # fake CPU devices (jax_num_cpu_devices), for tests and trials
+
+    def __post_init__(self):
+        _require(self.data == -1 or self.data >= 1, "mesh.data", "-1 or >= 1", self.data)
+        _require(self.fsdp >= 1, "mesh.fsdp", ">= 1", self.fsdp)
+        _require(self.cpu_devices is None or self.cpu_devices >= 1, "mesh.cpu_devices", "None or >= 1",
+                 self.cpu_devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistConfig:
+    """Multi-host runs through ``jax.distributed.initialize``. With ``enabled`` and no address, JAX
+    detects the cluster (SLURM, Open MPI, Kubernetes...); otherwise give all three fields."""
+
+    enabled: bool = False
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    cpu_collectives: str = "gloo"  # CPU backend collectives across processes
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in ``<run_dir>/checkpoints``: async, atomic, ``keep`` newest kept. A run
+    restarts from the newest one (``resume``); SIGTERM saves one before exiting."""
+
+    every: int = 200  # steps between saves (0: only at the end)
+    keep: int = 3
+    resume: bool = True
+    async_save: bool = True
+
+    def __post_init__(self):
+        _require(self.every >= 0, "checkpoint.every", ">= 0", self.every)
+        _require(self.keep >= 1, "checkpoint.keep", ">= 1", self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Progress bar on process 0, ``metrics.jsonl`` and ``loss.png`` in the run directory."""
+
+    every: int = 10  # steps between metric rows
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. With no arguments: the ``tiny`` OSDN model on the embedded corpus (CPU,
+    a few minutes), then held-out perplexity, a checkpoint and a sample.
+
+    ``data.batch_size`` is the global batch (rows per step over all processes). ``data_split``:
+    ``rows`` (every process builds the global batch and keeps its rows, so batches do not depend on
+    the process count) or ``documents`` (each process reads only its share of the documents).
+    """
+
+    run_dir: str = "runs/tiny-osdn"
+    steps: int = 600
+    seed: int = 42  # parameter init (the data order has its own data.seed)
+    model: ModelSettings = ModelSettings()
+    data: DataConfig = DataConfig(batch_size=16, seq_len=256)
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    dist: DistConfig = DistConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    eval_every: int = 200  # steps between held-out evaluations (0: only at the end)
+    eval_batches: int = 8
+    run_steps: int | None = None  # stop after this many steps in this invocation (with a checkpoint)
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    data_split: str = "rows"  # rows: each process reads the global batch, keeps its rows | documents
+    sample_prompt: str = "And God said"
+    sample_tokens: int = 200  # 0: no sample at the end
+
+    def __post_init__(self):
+        _require(self.steps >= 1, "steps", ">= 1", self.steps)
+        _require(self.eval_every >= 0, "eval_every", ">= 0", self.eval_every)
+        _require(self.eval_batches >= 1, "eval_batches", ">= 1", self.eval_batches)
+        _require(self.run_steps is None or self.run_steps >= 1, "run_steps", "None or >= 1", self.run_steps)
+        _require(self.max_bad_steps >= 1, "max_bad_steps", ">= 1", self.max_bad_steps)
+        _require(self.data_split in ("rows", "documents"), "data_split", "'rows' or 'documents'", self.data_split)
+        _require(self.sample_tokens >= 0, "sample_tokens", ">= 0", self.sample_tokens)
+        _require(self.data.batch_size % self.optim.grad_accum == 0, "data.batch_size",
+                 f"a multiple of optim.grad_accum={self.optim.grad_accum}", self.data.batch_size)
+
+
+# -- config files ------------------------------------------------------------------------------
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_dict(cls, values: dict, where: str):
+    """``cls(**values)`` with nested dataclasses; unknown keys raise a ValueError naming them."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'config'}: expected a JSON object, got {values!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown keys {unknown}; expected some of {sorted(names)}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        t = types_[key]
+        if dataclasses.is_dataclass(t) and isinstance(t, type):
+            value = _from_dict(t, value, f"{where}.{key}" if where else key)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """The config as a JSON-ready dict (nested)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+    """A ``TrainConfig`` from a JSON file holding any subset of the fields (nested objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config: no such file {str(path)!r}")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config: {path} is not valid JSON ({e})") from None
+    return _from_dict(TrainConfig, values, "")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """``--config FILE`` (optional, JSON) then command-line overrides such as ``--steps 100
+    --model.preset small --data.source text --data.path corpus/``."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = TrainConfig()
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            default = load_config_file(value)
+            del argv[i:i + (1 if "=" in arg else 2)]
+            break
+    description = (TrainConfig.__doc__ or "") + "\n\n--config FILE: a JSON file with any subset of the fields."
+    return tyro.cli(TrainConfig, args=argv, default=default, description=description,
+                    config=(tyro.conf.FlagConversionOff,))
+
+
+__all__ = ["CheckpointConfig", "DataConfig", "DistConfig", "LogConfig", "MeshConfig", "ModelSettings",
+           "OptimConfig", "TrainConfig", "load_config_file", "parse_args", "to_dict"]
