@@ -18,6 +18,7 @@ from flax import nnx
 
 from osdn_jax import CausalLM, model_config
 from osdn_jax.train.config import TrainConfig, load_config_file, parse_args
+from osdn_jax.train.evaluate import held_out_loss, load_run
 from osdn_jax.train.loop import StopTraining, train
 from osdn_jax.train.metrics import read_metrics
 from osdn_jax.train.optim import decay_mask, learning_rate
@@ -168,6 +169,13 @@ def test_a_run_trains_evaluates_checkpoints_and_samples(tmp_path):
     assert summary["sample"].startswith(cfg.sample_prompt)
     assert json.loads((tmp_path / "config.json").read_text())["model"]["vocab_size"] == 257
     assert (tmp_path / "tokenizer.json").exists()
+
+    # the run directory alone is enough to evaluate and sample later
+    model, tokenizer, saved_cfg, step = load_run(tmp_path)
+    assert step == 12 and saved_cfg == cfg and tokenizer.vocab_size == model.config.vocab_size
+    assert held_out_loss(model, saved_cfg, tokenizer, cfg.eval_batches) == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"step: no checkpoint for step 5 .* saved steps are \[8, 12\]"):
+        load_run(tmp_path, step=5)
 
 
 def test_resume_continues_exactly(tmp_path):

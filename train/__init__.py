@@ -2,5 +2,5 @@
 
 ``python -m osdn_jax.train --help`` (or ``osdn-train``) lists the configuration. Modules:
 ``config`` (the dataclass tree and CLI), ``data`` / ``sources`` / ``tokenizer`` (grain pipeline),
-``optim``, ``sharding``, ``step``, ``checkpoint``, ``metrics``, ``loop`` (the run).
+``optim``, ``sharding``, ``step``, ``checkpoint``, ``metrics``, ``loop`` (the run), ``evaluate``.
 """

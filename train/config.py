@@ -200,6 +200,11 @@ def _from_dict(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
+def from_dict(values: dict) -> TrainConfig:
+    """A ``TrainConfig`` from a (possibly partial) nested dict, e.g. a run's ``config.json``."""
+    return _from_dict(TrainConfig, values, "")
+
+
 def to_dict(cfg) -> dict:
     """The config as a JSON-ready dict (nested)."""
     return dataclasses.asdict(cfg)
@@ -236,4 +241,4 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 __all__ = ["CheckpointConfig", "DataConfig", "DistConfig", "LogConfig", "MeshConfig", "ModelSettings",
-           "OptimConfig", "TrainConfig", "load_config_file", "parse_args", "to_dict"]
+           "OptimConfig", "TrainConfig", "from_dict", "load_config_file", "parse_args", "to_dict"]
