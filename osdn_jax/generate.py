@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from osdn_jax.model import CausalLM
+from osdn_jax.model import CausalLM, check_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +133,7 @@ def generate(model: CausalLM, prompts, max_new_tokens: int, *, temperature: floa
     if tokens.shape[1] > cfg.max_seq_len:
         raise ValueError(f"prompts: the longest prompt has {tokens.shape[1]} tokens, more than max_seq_len="
                          f"{cfg.max_seq_len}")
-    lo, hi = int(tokens.min()), int(tokens.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        raise ValueError(f"prompts: token id {lo if lo < 0 else hi} is out of range [0, vocab_size={cfg.vocab_size})")
+    check_tokens("prompts", tokens, cfg.vocab_size, 2, "[B, P]")
     graphdef, state = nnx.split(model)
     out, bad_step = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids),
                               jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,

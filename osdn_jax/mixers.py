@@ -25,12 +25,8 @@ from flax import nnx
 from osdn_jax import ops
 from osdn_jax.layers import Dtype, GatedRMSNorm, RMSNorm, ShortConv, dense
 from osdn_jax.ops import checks
+from osdn_jax.ops.checks import require
 from osdn_jax.presets import get_preset
-
-
-def _require(ok: bool, field: str, expected: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{field}: expected {expected}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +40,10 @@ class DeltaNetConfig:
     chunk_size: int = 64
 
     def __post_init__(self):
-        _require(isinstance(self.conv_size, int) and self.conv_size >= 1, "conv_size", "an int >= 1",
+        require(isinstance(self.conv_size, int) and self.conv_size >= 1, "conv_size", "an int >= 1",
                  self.conv_size)
-        _require(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
-        _require(self.impl in ops.IMPLS, "impl", f"one of {ops.IMPLS}", self.impl)
+        require(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
+        require(self.impl in ops.IMPLS, "impl", f"one of {ops.IMPLS}", self.impl)
         checks.check_chunk_size(self.chunk_size)
 
 
@@ -64,8 +60,8 @@ class GatedDeltaNetConfig(DeltaNetConfig):
     def __post_init__(self):
         super().__post_init__()
         lo, hi = self.a_init_range
-        _require(0 < lo <= hi, "a_init_range", "0 < low <= high", self.a_init_range)
-        _require(0 < self.dt_min <= self.dt_max, "dt_min, dt_max", "0 < dt_min <= dt_max",
+        require(0 < lo <= hi, "a_init_range", "0 < low <= high", self.a_init_range)
+        require(0 < self.dt_min <= self.dt_max, "dt_min, dt_max", "0 < dt_min <= dt_max",
                  (self.dt_min, self.dt_max))
 
 
@@ -93,8 +89,8 @@ class OSDNConfig(DeltaNetConfig):
         super().__post_init__()
         get_preset(self.preset)  # names the preset on error
         lo, hi = self.clip_range
-        _require(lo is None or hi is None or lo <= hi, "d_min, d_max", "d_min <= d_max", (lo, hi))
-        _require(self.step_size >= 0, "eta", ">= 0", self.step_size)
+        require(lo is None or hi is None or lo <= hi, "d_min, d_max", "d_min <= d_max", (lo, hi))
+        require(self.step_size >= 0, "eta", ">= 0", self.step_size)
 
     @property
     def step_size(self) -> float:
@@ -146,10 +142,10 @@ class DeltaNet(nnx.Module):
                  rngs: nnx.Rngs, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                  init_range: float = 0.02):
         config = self.config_class() if config is None else config
-        _require(isinstance(config, self.config_class), "config", f"a {self.config_class.__name__}",
+        require(isinstance(config, self.config_class), "config", f"a {self.config_class.__name__}",
                  type(config).__name__)
-        _require(isinstance(num_heads, int) and num_heads >= 1, "num_heads", "an int >= 1", num_heads)
-        _require(isinstance(hidden_size, int) and hidden_size >= 1 and hidden_size % num_heads == 0,
+        require(isinstance(num_heads, int) and num_heads >= 1, "num_heads", "an int >= 1", num_heads)
+        require(isinstance(hidden_size, int) and hidden_size >= 1 and hidden_size % num_heads == 0,
                  "hidden_size", f"a positive multiple of num_heads={num_heads}", hidden_size)
         self.config = config
         self.hidden_size, self.num_heads = hidden_size, num_heads

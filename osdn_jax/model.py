@@ -16,13 +16,9 @@ from flax import nnx
 from osdn_jax.layers import RMSNorm, SwiGLU, annotated, dense, mlp_width
 from osdn_jax.mixers import (MIXERS, DeltaNetConfig, GatedDeltaNetConfig, MixerCache, OSDNConfig,
                              OSGatedDeltaNetConfig, mixer_class, mixer_config)
+from osdn_jax.ops.checks import require
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _require(ok: bool, field: str, expected: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{field}: expected {expected}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,15 +42,15 @@ class ModelConfig:
     def __post_init__(self):
         for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
             v = getattr(self, field)
-            _require(isinstance(v, int) and v >= 1, field, "an int >= 1", v)
-        _require(self.hidden_size % self.num_heads == 0, "hidden_size",
+            require(isinstance(v, int) and v >= 1, field, "an int >= 1", v)
+        require(self.hidden_size % self.num_heads == 0, "hidden_size",
                  f"a multiple of num_heads={self.num_heads}", self.hidden_size)
-        _require(isinstance(self.mixer, DeltaNetConfig), "mixer", "a mixer config (e.g. OSDNConfig())",
+        require(isinstance(self.mixer, DeltaNetConfig), "mixer", "a mixer config (e.g. OSDNConfig())",
                  self.mixer)
         mixer_class(self.mixer)
-        _require(self.param_dtype in DTYPES, "param_dtype", f"one of {sorted(DTYPES)}", self.param_dtype)
-        _require(self.compute_dtype in DTYPES, "compute_dtype", f"one of {sorted(DTYPES)}", self.compute_dtype)
-        _require(self.intermediate_size is None or self.intermediate_size >= 1, "intermediate_size",
+        require(self.param_dtype in DTYPES, "param_dtype", f"one of {sorted(DTYPES)}", self.param_dtype)
+        require(self.compute_dtype in DTYPES, "compute_dtype", f"one of {sorted(DTYPES)}", self.compute_dtype)
+        require(self.intermediate_size is None or self.intermediate_size >= 1, "intermediate_size",
                  "None or an int >= 1", self.intermediate_size)
 
     @property
@@ -139,7 +135,8 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), new_cache
 
 
-def _check_tokens(name: str, tokens, vocab_size: int, rank: int, layout: str) -> None:
+def check_tokens(name: str, tokens, vocab_size: int, rank: int, layout: str) -> None:
+    """``tokens`` is an integer array of ``rank``; concrete arrays are also range-checked."""
     if not hasattr(tokens, "ndim") or tokens.ndim != rank or not jnp.issubdtype(tokens.dtype, jnp.integer):
         shape = getattr(tokens, "shape", type(tokens).__name__)
         dtype = getattr(tokens, "dtype", "")
@@ -183,15 +180,15 @@ class CausalLM(nnx.Module):
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """``tokens [B, T]`` (integers) → logits ``[B, T, vocab]`` fp32. ``segment_ids [B, T]``: packed
         documents; every state (S, d, conv) restarts where the id changes."""
-        _check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
+        check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
         return self._run(tokens, segment_ids, None, "forward")[0]
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> ModelCache:
         """The empty decoding cache for ``batch_size`` rows. Its memory is fixed (recurrent state);
         ``max_len`` is accepted for API symmetry and only checked against ``config.max_seq_len``."""
-        _require(isinstance(batch_size, int) and batch_size >= 1, "batch_size", "an int >= 1", batch_size)
+        require(isinstance(batch_size, int) and batch_size >= 1, "batch_size", "an int >= 1", batch_size)
         if max_len is not None:
-            _require(1 <= max_len <= self.config.max_seq_len, "max_len",
+            require(1 <= max_len <= self.config.max_seq_len, "max_len",
                      f"1 <= max_len <= max_seq_len={self.config.max_seq_len}", max_len)
         return ModelCache(tuple(b.mixer.init_cache(batch_size) for b in self.blocks))
 
@@ -199,7 +196,7 @@ class CausalLM(nnx.Module):
                 cache: ModelCache | None = None) -> tuple[jax.Array, ModelCache]:
         """Parallel (chunked / kernel) pass over a prompt ``tokens [B, T]``: ``(logits [B, T, vocab],
         cache)`` with the final S, d and conv states. Continues from ``cache`` when given."""
-        _check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
+        check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"tokens: the prompt has {tokens.shape[1]} tokens, more than max_seq_len="
                              f"{self.config.max_seq_len}")
@@ -207,7 +204,7 @@ class CausalLM(nnx.Module):
 
     def decode_step(self, token: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
         """One token per row ``token [B]`` → ``(logits [B, vocab], cache)``."""
-        _check_tokens("token", token, self.config.vocab_size, 1, "[B]")
+        check_tokens("token", token, self.config.vocab_size, 1, "[B]")
         logits, cache = self._run(token, None, cache, "step")
         return logits, cache
 

@@ -14,12 +14,8 @@ import typing
 from pathlib import Path
 
 from osdn_jax.model import ModelConfig, model_config
+from osdn_jax.ops.checks import require
 from osdn_jax.train.data import DataConfig
-
-
-def _require(ok: bool, field: str, expected: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{field}: expected {expected}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +71,13 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per step (the batch is split along rows)
 
     def __post_init__(self):
-        _require(self.lr > 0, "optim.lr", "> 0", self.lr)
-        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
-        _require(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
-        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1, optim.b2", "in [0, 1)", (self.b1, self.b2))
-        _require(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
-        _require(self.grad_accum >= 1, "optim.grad_accum", ">= 1", self.grad_accum)
+        require(self.lr > 0, "optim.lr", "> 0", self.lr)
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+        require(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1, optim.b2", "in [0, 1)", (self.b1, self.b2))
+        require(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
+        require(self.grad_accum >= 1, "optim.grad_accum", ">= 1", self.grad_accum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +90,9 @@ class MeshConfig:
     cpu_devices: int | None = None  # fake CPU devices (jax_num_cpu_devices), for tests and trials
 
     def __post_init__(self):
-        _require(self.data == -1 or self.data >= 1, "mesh.data", "-1 or >= 1", self.data)
-        _require(self.fsdp >= 1, "mesh.fsdp", ">= 1", self.fsdp)
-        _require(self.cpu_devices is None or self.cpu_devices >= 1, "mesh.cpu_devices", "None or >= 1",
+        require(self.data == -1 or self.data >= 1, "mesh.data", "-1 or >= 1", self.data)
+        require(self.fsdp >= 1, "mesh.fsdp", ">= 1", self.fsdp)
+        require(self.cpu_devices is None or self.cpu_devices >= 1, "mesh.cpu_devices", "None or >= 1",
                  self.cpu_devices)
 
 
@@ -123,8 +119,8 @@ class CheckpointConfig:
     async_save: bool = True
 
     def __post_init__(self):
-        _require(self.every >= 0, "checkpoint.every", ">= 0", self.every)
-        _require(self.keep >= 1, "checkpoint.keep", ">= 1", self.keep)
+        require(self.every >= 0, "checkpoint.every", ">= 0", self.every)
+        require(self.keep >= 1, "checkpoint.keep", ">= 1", self.keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,14 +161,14 @@ class TrainConfig:
     sample_tokens: int = 200  # 0: no sample at the end
 
     def __post_init__(self):
-        _require(self.steps >= 1, "steps", ">= 1", self.steps)
-        _require(self.eval_every >= 0, "eval_every", ">= 0", self.eval_every)
-        _require(self.eval_batches >= 1, "eval_batches", ">= 1", self.eval_batches)
-        _require(self.run_steps is None or self.run_steps >= 1, "run_steps", "None or >= 1", self.run_steps)
-        _require(self.max_bad_steps >= 1, "max_bad_steps", ">= 1", self.max_bad_steps)
-        _require(self.data_split in ("rows", "documents"), "data_split", "'rows' or 'documents'", self.data_split)
-        _require(self.sample_tokens >= 0, "sample_tokens", ">= 0", self.sample_tokens)
-        _require(self.data.batch_size % self.optim.grad_accum == 0, "data.batch_size",
+        require(self.steps >= 1, "steps", ">= 1", self.steps)
+        require(self.eval_every >= 0, "eval_every", ">= 0", self.eval_every)
+        require(self.eval_batches >= 1, "eval_batches", ">= 1", self.eval_batches)
+        require(self.run_steps is None or self.run_steps >= 1, "run_steps", "None or >= 1", self.run_steps)
+        require(self.max_bad_steps >= 1, "max_bad_steps", ">= 1", self.max_bad_steps)
+        require(self.data_split in ("rows", "documents"), "data_split", "'rows' or 'documents'", self.data_split)
+        require(self.sample_tokens >= 0, "sample_tokens", ">= 0", self.sample_tokens)
+        require(self.data.batch_size % self.optim.grad_accum == 0, "data.batch_size",
                  f"a multiple of optim.grad_accum={self.optim.grad_accum}", self.data.batch_size)
 
 

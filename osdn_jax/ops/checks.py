@@ -107,3 +107,9 @@ def static_float(name: str, x: Any, *, allow_none: bool = False, minimum: float 
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ValueError(f"{name}: expected a number{bound}, got {x!r}")
     return value
+
+
+def require(ok: bool, field: str, expected: str, value: Any) -> None:
+    """``ValueError("<field>: expected <expected>, got <value>")`` unless ``ok`` (config checks)."""
+    if not ok:
+        raise ValueError(f"{field}: expected {expected}, got {value!r}")
