@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU suite for the Pallas kernels (about 8 minutes on one H200), run from the tree as is:
 #   1. the kernel tests, natively on the GPU (interpret mode is chosen only on CPU backends);
-#   2. the timing / TFLOP/s / memory table of benchmarks/gpu_suite.py.
+#   2. the timing / TFLOP/s / memory table of benchmarks/gpu_suite.py;
+#   3. training-step tokens/s and MFU of osdn-340m and deltanet-340m at T=4096 (bf16), capped at 4 min.
 # Peer wheels (fla-core, jax-linear-attention) may be carried in .whl/ (see docs/kernels.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +16,5 @@ python3 -c "import jax; assert jax.default_backend() == 'gpu', jax.devices(); pr
 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel_preconditioner.py \
   tests/test_chunked_vs_reference.py -k "pallas or matches_scan or bf16_keys"
 python3 benchmarks/gpu_suite.py "$@"
+timeout 240 python3 benchmarks/train_throughput.py --presets osdn-340m deltanet-340m --seq-len 4096 --batch 4 \
+  --compute-dtype bfloat16 --repeats 10 || echo "train_throughput: failed or timed out (rc=$?)"

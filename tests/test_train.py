@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from osdn_jax import CausalLM, model_config
+from osdn_jax import CausalLM, OSGatedDeltaNetConfig, model_config
 from osdn_jax.train.config import TrainConfig, load_config_file, parse_args
 from osdn_jax.train.evaluate import held_out_loss, load_run
 from osdn_jax.train.loop import StopTraining, train
@@ -104,12 +104,12 @@ def test_config_file_then_command_line(tmp_path):
 # -- optimizer and step ------------------------------------------------------------------------
 
 def test_weight_decay_mask_and_schedule():
-    model = CausalLM(model_config("tiny", mixer="os_gdn"), rngs=nnx.Rngs(0))
+    model = CausalLM(model_config("tiny", mixer=OSGatedDeltaNetConfig(apf=True)), rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
     mixer = "['blocks'][0]['mixer']"
     assert flat[mixer + "['q_proj']['kernel']"] and flat["['embed']['embedding']"]
-    for name in ("['d0']", "['A_log']", "['dt_bias']", "['o_norm']['weight']"):
+    for name in ("['d0']", "['A_log']", "['dt_bias']", "['o_norm']['weight']", "['apf_proj']['bias']"):
         assert not flat[mixer + name], name
     assert not flat["['norm']['weight']"] and not flat["['blocks'][0]['mlp_norm']['weight']"]
     cfg = parse_args(["--optim.lr", "1.0", "--optim.warmup-steps", "10", "--optim.min-lr-ratio", "0.1"]).optim

@@ -167,27 +167,44 @@ def train(cfg: TrainConfig) -> dict:
     window, bad_in_a_row, last_loss, t_window, eval_loss = [], 0, float("nan"), time.perf_counter(), None
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     first_step = step
+    pending = []  # (step, metrics) of dispatched steps whose results the host has not read yet
+
+    def absorb() -> None:
+        """Reads the pending steps' metrics. The loop reads each step one step late, so preparing
+        the next batch on the host overlaps the device's work instead of waiting for it."""
+        nonlocal bad_in_a_row, last_loss, skipped
+        while pending:
+            at, m = pending.pop(0)
+            ok, loss = bool(m["ok"]), float(m["loss"])
+            if ok:
+                bad_in_a_row, last_loss = 0, loss
+                window.append((loss, float(m["grad_norm"])))
+                continue
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            say(f"step {at}: non-finite loss/gradient (loss {loss}); step skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= cfg.max_bad_steps:
+                save(step)  # skipped steps leave the state as it was: this is the last good state
+                ckpt.wait()
+                raise StopTraining(f"{bad_in_a_row} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}); "
+                                   f"the last good state is saved in {ckpt.directory}/{step}. Lower optim.lr or "
+                                   f"check the data.")
+
     try:
         while step < cfg.steps:
             batch = global_batch(data.next(), mesh)
             params, opt_state, m = train_step(params, opt_state, batch)
             step += 1
             tokens_seen += tokens_per_step
-            ok, loss = bool(m["ok"]), float(m["loss"])
             bar.update(1)
-            if ok:
-                bad_in_a_row, last_loss = 0, loss
-                window.append((loss, float(m["grad_norm"])))
-            else:
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-                say(f"step {step}: non-finite loss/gradient (loss {loss}); step skipped ({bad_in_a_row} in a row)")
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    save(step)
-                    ckpt.wait()
-                    raise StopTraining(f"{bad_in_a_row} non-finite steps in a row (max_bad_steps="
-                                       f"{cfg.max_bad_steps}); the last good state is saved in {ckpt.directory}/"
-                                       f"{step}. Lower optim.lr or check the data.")
-            if step % cfg.log.every == 0 or step == cfg.steps:
+            absorb()  # the previous step's metrics: by now the device is busy with this one
+            pending.append((step, m))
+            log_now = step % cfg.log.every == 0 or step == cfg.steps
+            eval_now = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.steps
+            save_now = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0 and step < cfg.steps
+            if log_now or eval_now or save_now or stop_signal or step - first_step == cfg.run_steps:
+                # (these need the counters up to date)
+                absorb()
+            if log_now:
                 now = time.perf_counter()
                 tok_s = len(window or [0]) * tokens_per_step / max(now - t_window, 1e-9)
                 if window:
@@ -201,18 +218,21 @@ def train(cfg: TrainConfig) -> dict:
                 if jax.process_count() > 1:
                     stop_signal[:] = [True] if bool(np.any(multihost_utils.process_allgather(
                         np.array(bool(stop_signal))))) else []
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if eval_now:
                 eval_loss = evaluate(step)
                 if is_main:
                     bar.write(f"step {step}: held-out loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}")
-            reason = "SIGTERM" if stop_signal else "run_steps" if step - first_step == cfg.run_steps else None
+            # several processes act on SIGTERM only where they have just agreed on it (log steps)
+            sigterm = bool(stop_signal) and (jax.process_count() == 1 or log_now)
+            reason = "SIGTERM" if sigterm else "run_steps" if step - first_step == cfg.run_steps else None
             if reason and step < cfg.steps:
                 save(step)
                 ckpt.wait()
                 say(f"{reason}: saved step {step} to {ckpt.directory}; run again to continue")
                 return {"steps": step, "stopped": reason, "checkpoint": f"{ckpt.directory}/{step}"}
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.steps:
+            if save_now:
                 save(step)
+        absorb()
         bar.close()
         eval_loss = evaluate(step)
         save(step)
