@@ -24,6 +24,11 @@ def annotated(init, names: tuple[str | None, ...]):
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
+def param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter holding ``value`` with logical axis ``names``."""
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *, rngs: nnx.Rngs,
           init_range: float = 0.02, use_bias: bool = False, dtype: Dtype = jnp.float32,
           param_dtype: Dtype = jnp.float32, kernel_init=None, bias_init=None) -> nnx.Linear:
@@ -48,8 +53,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, features: int, *, eps: float = 1e-6, param_dtype: Dtype = jnp.float32,
                  axis_name: str | None = "embed"):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=(axis_name,),
-                                eager_sharding=False)
+        self.weight = param(jnp.ones((features,), param_dtype), (axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.weight[...], self.eps)

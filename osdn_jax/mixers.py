@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from osdn_jax import ops
-from osdn_jax.layers import Dtype, GatedRMSNorm, RMSNorm, ShortConv, dense
+from osdn_jax.layers import Dtype, GatedRMSNorm, RMSNorm, ShortConv, dense, param
 from osdn_jax.ops import checks
 from osdn_jax.ops.checks import require
 from osdn_jax.presets import get_preset
@@ -257,12 +257,11 @@ class GatedDeltaNet(DeltaNet):
         self.a_proj = dense(self.hidden_size, H, ("embed", None), **kw)
         self.g_proj = dense(self.hidden_size, self.hidden_size, ("embed", "heads"), **kw)
         A = jax.random.uniform(rngs.params(), (H,), jnp.float32, *cfg.a_init_range)
-        self.A_log = nnx.Param(jnp.log(A).astype(param_dtype), out_sharding=(None,), eager_sharding=False)
+        self.A_log = param(jnp.log(A).astype(param_dtype), (None,))
         u = jax.random.uniform(rngs.params(), (H,), jnp.float32)
         dt = jnp.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
         dt = jnp.maximum(dt, cfg.dt_init_floor)
-        self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype),  # softplus⁻¹(dt)
-                                 out_sharding=(None,), eager_sharding=False)
+        self.dt_bias = param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype), (None,))  # softplus⁻¹(dt)
 
     def _gates(self, x: jax.Array) -> dict:
         gates = super()._gates(x)
@@ -281,13 +280,11 @@ class _OSDNMixin:
     def _init_extra(self, kw: dict) -> None:
         super()._init_extra(kw)
         cfg = self.config
-        self.d0 = nnx.Param(jnp.full((self.num_heads, self.head_dim), cfg.initial_d, kw["param_dtype"]),
-                            out_sharding=(None, None), eager_sharding=False)
+        self.d0 = param(jnp.full((self.num_heads, self.head_dim), cfg.initial_d, kw["param_dtype"]), (None, None))
         if cfg.apf:
             self.apf_proj = dense(self.hidden_size, self.num_heads, ("embed", None), use_bias=True,
                                   kernel_init=nnx.initializers.zeros_init(),
-                                  bias_init=nnx.initializers.constant(cfg.apf_bias_init),
-                                  **{**kw, "init_range": 0.0})
+                                  bias_init=nnx.initializers.constant(cfg.apf_bias_init), **kw)
 
     def _gates(self, x: jax.Array) -> dict:
         gates = super()._gates(x)
