@@ -221,7 +221,8 @@ def train(cfg: TrainConfig) -> dict:
             if eval_now:
                 eval_loss = evaluate(step)
                 if is_main:
-                    bar.write(f"step {step}: held-out loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}")
+                    line = f"step {step}: held-out loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}"
+                    (bar.write if cfg.log.progress else print)(line)
             # several processes act on SIGTERM only where they have just agreed on it (log steps)
             sigterm = bool(stop_signal) and (jax.process_count() == 1 or log_now)
             reason = "SIGTERM" if sigterm else "run_steps" if step - first_step == cfg.run_steps else None
