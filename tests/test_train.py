@@ -189,6 +189,16 @@ def test_resume_continues_exactly(tmp_path):
     assert [straight[s] for s in range(1, 7)] == [resumed[s] for s in range(1, 7)]  # bitwise
 
 
+def test_resume_with_per_process_data_state(tmp_path):
+    """data_split='documents' keeps each process's iterator state through grain's orbax handler."""
+    common = ("--steps", "4", "--checkpoint.every", "0", "--data-split", "documents")
+    train(_cfg(tmp_path / "straight", *common))
+    train(_cfg(tmp_path / "resumed", *common, "--run-steps", "2"))
+    assert any((tmp_path / "resumed" / "checkpoints" / "2").glob("data*"))
+    train(_cfg(tmp_path / "resumed", *common))
+    assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
+
+
 def test_too_many_non_finite_steps_stop_with_a_checkpoint(tmp_path):
     cfg = _cfg(tmp_path, "--steps", "30", "--optim.lr", "1e30", "--optim.warmup-steps", "0",
                "--optim.grad-clip", "0", "--max-bad-steps", "3")
