@@ -14,15 +14,13 @@ our kernels are at least as fast.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from osdn_jax import get_preset, ops
-from osdn_jax.compare import make_op_inputs, peak_mib
+from osdn_jax.compare import make_op_inputs, median_seconds, peak_mib
 from osdn_jax.kernels.preconditioner import preconditioner_pallas
 
 CONFIGS = [(8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (8, 4096, 8, 64)]
@@ -36,14 +34,7 @@ def chunk_flops(B, T, H, K, V, C=64) -> float:
 
 
 def timed_ms(fn, repeats) -> float:
-    fn()
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(samples)
+    return 1e3 * median_seconds(fn, repeats, warmup=2)
 
 
 def jax_case(op, impl, a, chunk):

@@ -11,27 +11,16 @@ medians of `--repeats` calls after a warm-up; fp32 compute.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from osdn_jax import CausalLM, count_params, model_config
+from osdn_jax.compare import median_seconds
 
 SHAPES = {"tiny": (8, 256), "small": (4, 512)}  # (batch, T) of a training step
-
-
-def _median_s(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def train_step_tokens_per_s(model: CausalLM, B: int, T: int, repeats: int) -> float:
@@ -44,7 +33,7 @@ def train_step_tokens_per_s(model: CausalLM, B: int, T: int, repeats: int) -> fl
             return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
         return nnx.value_and_grad(loss)(m)
 
-    return B * T / _median_s(lambda: loss_and_grads(model, tokens), repeats)
+    return B * T / median_seconds(lambda: loss_and_grads(model, tokens), repeats)
 
 
 def decode_tokens_per_s(model: CausalLM, B: int, n: int, repeats: int) -> float:
@@ -65,8 +54,8 @@ def decode_tokens_per_s(model: CausalLM, B: int, n: int, repeats: int) -> float:
 
     prefill = jax.jit(lambda state, prompt: nnx.merge(graphdef, state).prefill(prompt)[0])
     prompt = jnp.ones((B, 8), jnp.int32)
-    t_prefill = _median_s(lambda: prefill(state, prompt), repeats)
-    t_total = _median_s(lambda: decode(state, prompt), repeats)
+    t_prefill = median_seconds(lambda: prefill(state, prompt), repeats)
+    t_total = median_seconds(lambda: decode(state, prompt), repeats)
     return B * n / max(t_total - t_prefill, 1e-9)
 
 

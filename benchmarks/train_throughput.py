@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 from osdn_jax import CausalLM, count_params, model_config
+from osdn_jax.compare import median_seconds
 from osdn_jax.train.step import make_train_step  # (no grain / tyro needed: runs on bare GPU images)
 
 GPU_PEAK_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}  # H200 SXM, dense
@@ -59,15 +60,13 @@ def step_seconds(cfg, B: int, T: int, repeats: int) -> float:
              "loss_mask": np.ones((B, T), np.float32)}
     batch = jax.tree.map(jnp.asarray, batch)
     step = jax.jit(make_train_step(graphdef, tx, 1), donate_argnums=(0, 1))
-    params, opt_state, m = step(params, opt_state, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        params, opt_state, m = step(params, opt_state, batch)
+    state = [params, opt_state]  # donated each step: carry the new buffers forward
+
+    def one_step():
+        state[0], state[1], m = step(*state, batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+
+    return median_seconds(one_step, repeats)
 
 
 def main(argv=None) -> None:

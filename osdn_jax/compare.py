@@ -59,15 +59,22 @@ def compile_for(fn: Callable, inputs: dict, wrap_kwargs: bool = True):
     return jax.jit(fn).lower(inputs).compile()
 
 
-def median_ms(compiled, inputs: dict, repeats: int = 5) -> float:
-    """Median wall time in ms after one warm-up call."""
-    jax.block_until_ready(compiled(inputs))
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time (s) of ``fn()`` after ``warmup`` calls; ``fn`` waits for its own results
+    (``jax.block_until_ready``, ``torch.cuda.synchronize``)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(inputs))
+        fn()
         times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    return float(np.median(times))
+
+
+def median_ms(compiled, inputs: dict, repeats: int = 5) -> float:
+    """Median wall time in ms of a compiled call after one warm-up call."""
+    return 1e3 * median_seconds(lambda: jax.block_until_ready(compiled(inputs)), repeats)
 
 
 def peak_mib(compiled) -> float:

@@ -20,7 +20,7 @@ from osdn_jax.generate import generate
 from osdn_jax.model import CausalLM
 from osdn_jax.train import data as data_lib
 from osdn_jax.train.config import TrainConfig, from_dict
-from osdn_jax.train.step import loss_sums
+from osdn_jax.train.step import make_eval_step, mean_loss
 from osdn_jax.train.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -51,12 +51,8 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[CausalLM, To
 def held_out_loss(model: CausalLM, cfg: TrainConfig, tokenizer: Tokenizer, num_batches: int) -> float:
     """Mean next-token loss (nats) over ``num_batches`` held-out batches of the run's data."""
     graphdef, params = nnx.split(model, nnx.Param)
-    step = jax.jit(lambda p, b: loss_sums(graphdef, p, b))
-    total = count = 0.0
-    for batch in data_lib.make_eval_batches(cfg.data, tokenizer, num_batches):
-        s, n = step(nnx.to_pure_dict(params), batch)
-        total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+    batches = data_lib.make_eval_batches(cfg.data, tokenizer, num_batches)
+    return mean_loss(jax.jit(make_eval_step(graphdef)), nnx.to_pure_dict(params), batches)[0]
 
 
 def main(argv=None) -> None:

@@ -23,7 +23,7 @@ from osdn_jax.train.config import TrainConfig, to_dict
 from osdn_jax.train.metrics import MetricsWriter, plot
 from osdn_jax.train.optim import learning_rate, make_optimizer
 from osdn_jax.train.sharding import batch_sharding, global_batch, make_mesh, param_shardings
-from osdn_jax.train.step import make_eval_step, make_train_step
+from osdn_jax.train.step import make_eval_step, make_train_step, mean_loss
 
 
 class StopTraining(RuntimeError):
@@ -74,9 +74,9 @@ class _Data:
 
 def _sample(cfg: TrainConfig, graphdef, params, tokenizer) -> str:
     """A short continuation of ``sample_prompt`` (every process runs it on its own devices)."""
-    if jax.process_count() > 1:
-        params = multihost_utils.process_allgather(params, tiled=True)  # host copies: generate runs locally
-    model = nnx.merge(graphdef, jax.tree.map(np.asarray, params) if jax.process_count() > 1 else params)
+    if jax.process_count() > 1:  # host copies of the global arrays: generate then runs locally
+        params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+    model = nnx.merge(graphdef, params)
     prompt = [int(t) for t in tokenizer.encode(cfg.sample_prompt)] or [tokenizer.eos_id]
     out = generate(model, [prompt], cfg.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed,
                    stop_token=tokenizer.eos_id)
@@ -140,11 +140,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics = MetricsWriter(run_dir, enabled=is_main)
 
     def evaluate(at_step: int) -> float:
-        total = count = 0.0
-        for batch in data.eval:
-            s, n = eval_step(params, global_batch(batch, mesh))
-            total, count = total + float(s), count + float(n)
-        loss = total / max(count, 1.0)
+        loss, count = mean_loss(eval_step, params, (global_batch(b, mesh) for b in data.eval))
         metrics.write({"kind": "eval", "step": at_step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
                        "eval_targets": count})
         return loss
@@ -208,12 +204,12 @@ def train(cfg: TrainConfig) -> dict:
                 now = time.perf_counter()
                 tok_s = len(window or [0]) * tokens_per_step / max(now - t_window, 1e-9)
                 if window:
-                    mean_loss = sum(x for x, _ in window) / len(window)
-                    metrics.write({"kind": "train", "step": step, "loss": mean_loss,
+                    window_loss = sum(x for x, _ in window) / len(window)
+                    metrics.write({"kind": "train", "step": step, "loss": window_loss,
                                    "grad_norm": sum(g for _, g in window) / len(window), "lr": float(lr_at(step - 1)),
                                    "tokens": tokens_seen, "tokens_per_s": tok_s, "skipped_steps": skipped,
                                    "elapsed_s": elapsed_before + now - t_start})
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                    bar.set_postfix(loss=f"{window_loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 window, t_window = [], now
                 if jax.process_count() > 1:
                     stop_signal[:] = [True] if bool(np.any(multihost_utils.process_allgather(

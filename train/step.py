@@ -57,6 +57,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum: int)
     return step
 
 
+def mean_loss(eval_step, params, batches) -> tuple[float, float]:
+    """``(mean loss over counted targets, number of targets)`` of ``eval_step`` over ``batches``."""
+    total = count = 0.0
+    for batch in batches:
+        s, n = eval_step(params, batch)
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0), count
+
+
 def make_eval_step(graphdef):
     """``eval_step(params, batch) -> (summed loss, counted targets)``."""
     return lambda params, batch: loss_sums(graphdef, params, batch)
