@@ -1,27 +1,35 @@
-"""GPU suite, part 2: forward and forward+backward time, achieved TFLOP/s and peak memory of the
-Pallas kernels against the chunked XLA path and, where importable, flash-linear-attention (Triton,
-PyTorch) and jax-linear-attention (Mosaic GPU). Run through ``benchmarks/gpu_suite.sh``.
+"""GPU suite, part 2: forward and forward+backward time, achieved TFLOP/s, share of the roofline
+and peak memory of the Pallas kernels against the chunked XLA path and, where importable,
+flash-linear-attention (Triton, PyTorch) and jax-linear-attention (Mosaic GPU), for bf16 inputs
+and fp32 inputs (TF32 policy). Run through ``benchmarks/gpu_suite.sh``.
 
-    python benchmarks/gpu_suite.py            # the issue's table (bf16), on a GPU
-    python benchmarks/gpu_suite.py --smoke    # tiny shapes on any backend: checks the script runs
+    python benchmarks/gpu_suite.py                  # the full table, on a GPU
+    python benchmarks/gpu_suite.py --dtypes bf16    # bf16 rows only
+    python benchmarks/gpu_suite.py --smoke          # tiny shapes on any backend: checks the script runs
 
 Times are medians (ms) of ``--repeats`` calls after warm-up, with ``block_until_ready`` (JAX) or
-``torch.cuda.synchronize`` (PyTorch). TFLOP/s counts the chunkwise algorithm's matmul work
-(forward; forward+backward counted as 3x forward). Ratios are "their time / our time": ≥ 1 means
-our kernels are at least as fast.
+``torch.cuda.synchronize`` (PyTorch), measured in one process. TFLOP/s counts the chunkwise
+algorithm's matmul work (forward; forward+backward counted as 3x forward). "roofline" is the time
+``benchmarks/roofline.py`` gives at H200 peak divided by the measured forward+backward time.
+Ratios are "their time / our time": ≥ 1 means our kernels are at least as fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from osdn_jax import get_preset, ops
-from osdn_jax.compare import make_op_inputs, median_seconds, peak_mib
+from osdn_jax.compare import interleaved_seconds, make_op_inputs, median_seconds, peak_mib
 from osdn_jax.kernels.preconditioner import preconditioner_pallas
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from roofline import HBM_BYTES_PER_S, PEAK_FLOPS, kernel_costs  # noqa: E402
 
 CONFIGS = [(8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (8, 4096, 8, 64)]
 SMOKE = [(1, 96, 2, 32)]
@@ -33,8 +41,25 @@ def chunk_flops(B, T, H, K, V, C=64) -> float:
     return B * H * (T / C) * per_chunk
 
 
+DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
+
+
+def roofline_ms(op, B, T, H, K, V, C, dtype) -> float:
+    """Forward+backward time at H200 peak (``benchmarks/roofline.py``)."""
+    e = 2 if dtype == "bf16" else 4
+    units = B * H * T / C
+    costs = kernel_costs(K, V, C, e, op == "osdn").values()
+    return 1e3 * sum(max(f * units / PEAK_FLOPS[dtype], b * units / HBM_BYTES_PER_S) for f, b in costs)
+
+
 def timed_ms(fn, repeats) -> float:
     return 1e3 * median_seconds(fn, repeats, warmup=2)
+
+
+def ratio(theirs, ours, repeats) -> float:
+    """Their time / our time, the two called in turn in this process."""
+    t_theirs, t_ours = interleaved_seconds([theirs, ours], repeats, warmup=2)
+    return t_theirs / t_ours
 
 
 def jax_case(op, impl, a, chunk):
@@ -64,7 +89,8 @@ def fla_case(op, a):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as kernel
     dev = torch.device("cuda")
     t = {n: torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(dev) for n, x in a.items() if n != "d0"}
-    q, k, v, beta = (t[n].to(torch.bfloat16).requires_grad_() for n in ("q", "k", "v", "beta"))
+    dt = torch.bfloat16 if a["q"].dtype == jnp.bfloat16 else torch.float32
+    q, k, v, beta = (t[n].to(dt).requires_grad_() for n in ("q", "k", "v", "beta"))
     g = t["log_decay"].requires_grad_() if op == "gdn" else None
 
     def forward():
@@ -106,44 +132,47 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--ops", nargs="+", default=["deltanet", "gdn", "osdn"])
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     args = ap.parse_args()
     configs = SMOKE if args.smoke else CONFIGS
     repeats = 3 if args.smoke else args.repeats
     chunk = 32 if args.smoke else 64
-    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), bf16 inputs, chunk {chunk}")
-    print("| op | B, T, H, K | pallas fwd ms | pallas f+b ms | f+b TFLOP/s | chunked f+b x | fla f+b x "
-          "| jla f+b x | pallas MiB | fla MiB | phase 1 share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for op in args.ops:
-        for B, T, H, K in configs:
-            a = make_op_inputs(op, B, T, H, K, K, dtype=jnp.bfloat16)
-            fwd, fb, compiled = jax_case(op, "pallas", a, chunk)
-            t_fwd, t_fb = timed_ms(fwd, repeats), timed_ms(fb, repeats)
-            tflops = 3 * chunk_flops(B, T, H, K, K, chunk) / (t_fb * 1e-3) / 1e12
-            _, chunked_fb, _ = jax_case(op, "chunked", a, chunk)
-            ratios = {"chunked": timed_ms(chunked_fb, repeats) / t_fb}
-            fla_mib = "-"
-            for name, make in (("fla", fla_case), ("jla", jla_case)):
-                if op == "osdn":
-                    ratios[name] = None
-                    continue
-                try:
-                    case = make(op, a)
-                    ratios[name] = timed_ms(case[1], repeats) / t_fb
-                    if name == "fla" and T == 8192:
-                        fla_mib = f"{case[2]():.0f}"
-                except Exception as e:  # not importable here, or unsupported: say so, keep going
-                    ratios[name] = f"n/a ({type(e).__name__})"
-            share = "-"
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), chunk {chunk}; "
+          "fp32 rows use the TF32 policy")
+    print("| op | dtype | B, T, H, K | pallas fwd ms | pallas f+b ms | f+b TFLOP/s | roofline | chunked f+b x "
+          "| fla f+b x | jla f+b x | pallas MiB | fla MiB | phase 1 share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for op, dtype, (B, T, H, K) in ((o, d, c) for o in args.ops for d in args.dtypes for c in configs):
+        a = make_op_inputs(op, B, T, H, K, K, dtype=DTYPES[dtype])
+        fwd, fb, compiled = jax_case(op, "pallas", a, chunk)
+        t_fwd, t_fb = timed_ms(fwd, repeats), timed_ms(fb, repeats)
+        tflops = 3 * chunk_flops(B, T, H, K, K, chunk) / (t_fb * 1e-3) / 1e12
+        _, chunked_fb, _ = jax_case(op, "chunked", a, chunk)
+        ratios = {"chunked": ratio(chunked_fb, fb, repeats)}
+        fla_mib = "-"
+        for name, make in (("fla", fla_case), ("jla", jla_case)):
             if op == "osdn":
-                p = get_preset("may")
-                ph1 = jax.jit(jax.grad(lambda k, d0: jnp.sum(preconditioner_pallas(
-                    k, d0, eta=p.eta, d_min=p.d_min, d_max=p.d_max)[0] ** 2), argnums=(0, 1)))
-                share = f"{timed_ms(lambda: jax.block_until_ready(ph1(a['k'], a['d0'])), repeats) / t_fb:.1%}"
-            fmt = lambda r: "-" if r is None else (r if isinstance(r, str) else f"{r:.2f}")  # noqa: E731
-            mib = f"{peak_mib(compiled):.0f}" if T == 8192 or args.smoke else "-"
-            print(f"| {op} | {B}, {T}, {H}, {K} | {t_fwd:.2f} | {t_fb:.2f} | {tflops:.1f} | {fmt(ratios['chunked'])} "
-                  f"| {fmt(ratios['fla'])} | {fmt(ratios['jla'])} | {mib} | {fla_mib} | {share} |", flush=True)
+                ratios[name] = None
+                continue
+            try:
+                case = make(op, a)
+                ratios[name] = ratio(case[1], fb, repeats)
+                if name == "fla" and T == 8192:
+                    fla_mib = f"{case[2]():.0f}"
+            except Exception as e:  # not importable here, or unsupported: say so, keep going
+                ratios[name] = f"n/a ({type(e).__name__})"
+        share = "-"
+        if op == "osdn":
+            p = get_preset("may")
+            ph1 = jax.jit(jax.grad(lambda k, d0: jnp.sum(preconditioner_pallas(
+                k, d0, eta=p.eta, d_min=p.d_min, d_max=p.d_max)[0] ** 2), argnums=(0, 1)))
+            share = f"{timed_ms(lambda: jax.block_until_ready(ph1(a['k'], a['d0'])), repeats) / t_fb:.1%}"
+        fmt = lambda r: "-" if r is None else (r if isinstance(r, str) else f"{r:.2f}")  # noqa: E731
+        mib = f"{peak_mib(compiled):.0f}" if T == 8192 or args.smoke else "-"
+        roof = f"{roofline_ms(op, B, T, H, K, K, chunk, dtype) / t_fb:.0%}"
+        print(f"| {op} | {dtype} | {B}, {T}, {H}, {K} | {t_fwd:.2f} | {t_fb:.2f} | {tflops:.1f} | {roof} "
+              f"| {fmt(ratios['chunked'])} | {fmt(ratios['fla'])} | {fmt(ratios['jla'])} | {mib} | {fla_mib} "
+              f"| {share} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU suite for the Pallas kernels (about 8 minutes on one H200), run from the tree as is:
-#   1. the kernel tests, natively on the GPU (interpret mode is chosen only on CPU backends);
-#   2. the timing / TFLOP/s / memory table of benchmarks/gpu_suite.py;
+# GPU suite for the Pallas kernels (about 10 minutes on one H200), run from the tree as is:
+#   1. the kernel tests, natively on the GPU (interpret mode is chosen only on CPU backends):
+#      bf16, fp16 and TF32 on tensor cores, IEEE fp32 at the fp32 tolerance;
+#   2. the timing / TFLOP/s / roofline / memory table of benchmarks/gpu_suite.py, bf16 and fp32 rows;
 #   3. training-step tokens/s and MFU of osdn-340m and deltanet-340m at T=4096 (bf16), capped at 4 min.
 # Peer wheels (fla-core, jax-linear-attention) may be carried in .whl/ (see docs/kernels.md).
 set -euo pipefail
@@ -14,7 +15,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e .
 export JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
 python3 -c "import jax; assert jax.default_backend() == 'gpu', jax.devices(); print(jax.devices())"
 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel_preconditioner.py \
-  tests/test_chunked_vs_reference.py -k "pallas or matches_scan or bf16_keys"
+  tests/test_chunked_vs_reference.py -k "pallas or kernels or matches_scan or bf16_keys"
 python3 benchmarks/gpu_suite.py "$@"
 timeout 240 python3 benchmarks/train_throughput.py --presets osdn-340m deltanet-340m --seq-len 4096 --batch 4 \
   --compute-dtype bfloat16 --repeats 10 || echo "train_throughput: failed or timed out (rc=$?)"

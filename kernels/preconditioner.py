@@ -3,12 +3,14 @@
 One program per (batch, head) walks the tokens with ``lax.fori_loop`` and carries ``d [K]`` in
 registers; the backward walks them in reverse and carries the cotangent of ``d``. Same contract as
 ``osdn_jax.ops.preconditioner.preconditioner_scan`` (see its docstring and ``_trajectory_bwd`` for
-the math); the head dim is padded to a power of two (padded features have k = 0 and are sliced
-away). On a CPU backend the kernels run with ``interpret=True``.
+the math). Keys, γ and β are read in place (``[B, T, H, ·]``, their own dtype); ``d`` is written
+in place, fp32. A head dim that is not a power of two ≥ 16 is zero-padded first (padded features
+have k = 0 and are sliced away). Everything is elementwise fp32: no dots, so no precision policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,9 +19,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from osdn_jax.kernels.config import Policy, Target, current_target, tiles_for
+from osdn_jax.kernels.delta_rule import padded_dim
+from osdn_jax.kernels.tiles import Refs
 from osdn_jax.ops.segments import document_starts
 
-_PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=1)
+f32 = jnp.float32
 MAX_HEAD_DIM = 128
 
 
@@ -30,8 +35,18 @@ def supported(K: int) -> str | None:
     return None
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Static settings: η, the clip range, which optional inputs are present, and the target."""
+
+    eta: float
+    d_min: float | None
+    d_max: float | None
+    apf: bool
+    beta_aware: bool
+    docs: bool
+    target: Target
+    num_warps: int
 
 
 def _inside(x, d_min, d_max):
@@ -43,129 +58,145 @@ def _inside(x, d_min, d_max):
     return inside
 
 
-def _unclipped_update(d, t, k_ref, lg_ref, b_ref, eta):
+def _unclipped_update(d, t, r, s: Settings):
     """Token t's pre-clip value ``x = γ d + η c (1 − c⟨d, s⟩) s`` and the pieces the backward reuses."""
-    k = k_ref[pl.ds(t, 1), :]
-    s = k * k
-    c = b_ref[pl.ds(t, 1)][:, None]
-    gamma = jnp.exp(lg_ref[pl.ds(t, 1)])[:, None]
-    inner = jnp.sum(d * s, axis=1, keepdims=True)
-    return gamma * d + eta * c * (1.0 - c * inner) * s, k, s, c, gamma, inner
+    k = r.k[pl.ds(t, 1), :].astype(f32)
+    sq = k * k
+    c = r.b[pl.ds(t, 1)].astype(f32)[:, None] if s.beta_aware else jnp.ones((1, 1), f32)
+    gamma = jnp.exp(r.lg[pl.ds(t, 1)].astype(f32))[:, None] if s.apf else jnp.ones((1, 1), f32)
+    inner = jnp.sum(d * sq, axis=1, keepdims=True)
+    return gamma * d + s.eta * c * (1.0 - c * inner) * sq, k, sq, c, gamma, inner
 
 
-def _fwd_kernel(k_ref, lg_ref, b_ref, st_ref, d0_ref, ds_ref, d_ref, dfin_ref, *, T, eta, d_min, d_max):
-    """Refs per program: ``k [T, K]``, ``lg, b, st [T]``, ``d0, d_start [1, K]``; out ``d [T, K]``,
-    ``d_final [1, K]``."""
-    d0 = d0_ref[...]
+def _starts(r, t, s: Settings):
+    return (r.st[pl.ds(t, 1)] > 0)[:, None] if s.docs else None
+
+
+def _fwd_kernel(*refs, s: Settings, T: int, names):
+    """Refs per program: ``k [T, K]``, ``lg, b [T]``, ``st [T]``, ``d0, d_start [1, K]``; out
+    ``d [T, K]``, ``d_final [1, K]``."""
+    r = Refs(names, refs)
+    d0 = r.d0[...]
 
     def step(t, d):
-        d = jnp.where(st_ref[pl.ds(t, 1)][:, None] > 0, d0, d)
-        d_ref[pl.ds(t, 1), :] = d
-        x = _unclipped_update(d, t, k_ref, lg_ref, b_ref, eta)[0]
-        if d_min is not None:
-            x = jnp.where(x < d_min, d_min, x)
-        if d_max is not None:
-            x = jnp.where(x > d_max, d_max, x)
+        start = _starts(r, t, s)
+        if start is not None:
+            d = jnp.where(start, d0, d)
+        r.d[pl.ds(t, 1), :] = d
+        x = _unclipped_update(d, t, r, s)[0]
+        if s.d_min is not None:
+            x = jnp.where(x < s.d_min, s.d_min, x)
+        if s.d_max is not None:
+            x = jnp.where(x > s.d_max, s.d_max, x)
         return x
 
-    dfin_ref[...] = lax.fori_loop(0, T, step, ds_ref[...])
+    r.d_final[...] = lax.fori_loop(0, T, step, r.d_start[...])
 
 
-def _bwd_kernel(k_ref, lg_ref, b_ref, st_ref, d_ref, gd_ref, gfin_ref,
-                dk_ref, dlg_ref, db_ref, dds_ref, dd0_ref, *, T, eta, d_min, d_max):
+def _bwd_kernel(*refs, s: Settings, T: int, names):
     """Reverse walk; outs ``dk [T, K]``, ``dlg, db [T]``, ``d d_start [1, K]``, ``d d0 [1, K]``
     (this program's share: the cotangent that reached d0 through document starts)."""
+    r = Refs(names, refs)
 
     def step(i, carry):
         g, dd0 = carry
         t = T - 1 - i
-        d = d_ref[pl.ds(t, 1), :]
-        x, k, s, c, gamma, inner = _unclipped_update(d, t, k_ref, lg_ref, b_ref, eta)
-        gx = jnp.where(_inside(x, d_min, d_max), g, 0.0)
-        gx_s = jnp.sum(gx * s, axis=1, keepdims=True)
-        dd = gamma * gx - eta * c * c * gx_s * s + gd_ref[pl.ds(t, 1), :]
-        ds = eta * (c * (1.0 - c * inner) * gx - c * c * gx_s * d)
-        dk_ref[pl.ds(t, 1), :] = 2.0 * k * ds
-        dlg_ref[pl.ds(t, 1)] = jnp.sum(gx * d, axis=1) * gamma[:, 0]
-        db_ref[pl.ds(t, 1)] = (eta * (1.0 - 2.0 * c * inner) * gx_s)[:, 0]
-        reset = st_ref[pl.ds(t, 1)][:, None] > 0
-        return jnp.where(reset, 0.0, dd), dd0 + jnp.where(reset, dd, 0.0)
+        d = r.d[pl.ds(t, 1), :]
+        x, k, sq, c, gamma, inner = _unclipped_update(d, t, r, s)
+        gx = jnp.where(_inside(x, s.d_min, s.d_max), g, 0.0)
+        gx_s = jnp.sum(gx * sq, axis=1, keepdims=True)
+        dd = gamma * gx - s.eta * c * c * gx_s * sq + r.gd[pl.ds(t, 1), :]
+        dsq = s.eta * (c * (1.0 - c * inner) * gx - c * c * gx_s * d)
+        r.dk[pl.ds(t, 1), :] = (2.0 * k * dsq).astype(r.dk.dtype)
+        if s.apf:
+            r.dlg[pl.ds(t, 1)] = (jnp.sum(gx * d, axis=1) * gamma[:, 0]).astype(r.dlg.dtype)
+        if s.beta_aware:
+            r.db[pl.ds(t, 1)] = (s.eta * (1.0 - 2.0 * c * inner) * gx_s)[:, 0].astype(r.db.dtype)
+        start = _starts(r, t, s)
+        if start is None:
+            return dd, dd0
+        return jnp.where(start, 0.0, dd), dd0 + jnp.where(start, dd, 0.0)
 
-    g, dd0 = lax.fori_loop(0, T, step, (gfin_ref[...], jnp.zeros_like(dd0_ref)))
-    dds_ref[...] = g
-    dd0_ref[...] = dd0
-
-
-def _specs(B, H, T, K):
-    seq = pl.BlockSpec((None, None, T, K), lambda b, h: (b, h, 0, 0))
-    tok = pl.BlockSpec((None, None, T), lambda b, h: (b, h, 0))
-    head = pl.BlockSpec((None, 1, K), lambda b, h: (h, 0, 0))
-    row = pl.BlockSpec((None, None, 1, K), lambda b, h: (b, h, 0, 0))
-    return seq, tok, head, row
+    g, dd0 = lax.fori_loop(0, T, step, (r.gfin[...], jnp.zeros(r.dd0.shape, f32)))
+    r.dd_start[...] = g
+    r.dd0[...] = dd0
 
 
-def _trajectory_call(settings, interpret, k, lg, b, st, d0, d_start):
-    """Head-major, padded: ``k [B, H, T, K]``, ``lg, b, st [B, H, T]``, ``d0 [H, 1, K]``,
-    ``d_start [B, H, 1, K]``."""
-    eta, d_min, d_max = settings
-    B, H, T, K = k.shape
-    seq, tok, head, row = _specs(B, H, T, K)
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, T=T, eta=eta, d_min=d_min, d_max=d_max),
-        out_shape=(jax.ShapeDtypeStruct((B, H, T, K), jnp.float32), jax.ShapeDtypeStruct((B, H, 1, K), jnp.float32)),
-        grid=(B, H), in_specs=[seq, tok, tok, tok, head, row], out_specs=(seq, row),
-        compiler_params=_PARAMS, interpret=interpret, name="osdn_preconditioner_fwd",
-    )(k, lg, b, st, d0, d_start)
+class _Specs:
+    def __init__(self, T, K):
+        self.seq = pl.BlockSpec((None, T, None, K), lambda b, h: (b, 0, h, 0))  # [B, T, H, K] in place
+        self.tok = pl.BlockSpec((None, T, None), lambda b, h: (b, 0, h))  # [B, T, H]
+        self.starts = pl.BlockSpec((None, T), lambda b, h: (b, 0))  # [B, T]
+        self.head = pl.BlockSpec((None, 1, K), lambda b, h: (h, 0, 0))  # [H, 1, K]
+        self.row = pl.BlockSpec((None, None, 1, K), lambda b, h: (b, h, 0, 0))  # [B, H, 1, K]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _trajectory(settings, interpret, k, lg, b, st, d0, d_start):
-    return _trajectory_call(settings, interpret, k, lg, b, st, d0, d_start)
+def _call(s: Settings, body, name, inputs: dict, outputs: dict, B, H, T):
+    ins = {n: v for n, v in inputs.items() if v[0] is not None}
+    names = tuple(ins) + tuple(outputs)
+    return dict(zip(outputs, pl.pallas_call(
+        functools.partial(body, s=s, T=T, names=names), grid=(B, H), name=name,
+        in_specs=[sp for _, sp in ins.values()], out_specs=[sp for _, sp in outputs.values()],
+        out_shape=[o for o, _ in outputs.values()], interpret=s.target.interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=s.num_warps, num_stages=1),
+    )(*(a for a, _ in ins.values()))))
 
 
-def _trajectory_fwd(settings, interpret, k, lg, b, st, d0, d_start):
-    d, d_final = _trajectory_call(settings, interpret, k, lg, b, st, d0, d_start)
+def _trajectory_call(s: Settings, k, lg, b, st, d0, d_start):
+    """``k [B, T, H, K]``, ``lg, b [B, T, H]``, ``st [B, T]``, ``d0 [H, 1, K]``, ``d_start [B, H, 1, K]``."""
+    B, T, H, K = k.shape
+    sp = _Specs(T, K)
+    out = _call(s, _fwd_kernel, "osdn_preconditioner_fwd",
+                dict(k=(k, sp.seq), lg=(lg, sp.tok), b=(b, sp.tok), st=(st, sp.starts), d0=(d0, sp.head),
+                     d_start=(d_start, sp.row)),
+                dict(d=(jax.ShapeDtypeStruct((B, T, H, K), f32), sp.seq),
+                     d_final=(jax.ShapeDtypeStruct((B, H, 1, K), f32), sp.row)), B, H, T)
+    return out["d"], out["d_final"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _trajectory(s: Settings, k, lg, b, st, d0, d_start):
+    return _trajectory_call(s, k, lg, b, st, d0, d_start)
+
+
+def _trajectory_fwd(s: Settings, k, lg, b, st, d0, d_start):
+    d, d_final = _trajectory_call(s, k, lg, b, st, d0, d_start)
     return (d, d_final), (k, lg, b, st, d)
 
 
-def _trajectory_bwd(settings, interpret, res, cotangents):
-    eta, d_min, d_max = settings
+def _trajectory_bwd(s: Settings, res, cotangents):
     k, lg, b, st, d = res
     g_traj, g_final = cotangents
-    B, H, T, K = k.shape
-    seq, tok, head, row = _specs(B, H, T, K)
-    f32 = jnp.float32
-    dk, dlg, db, dd_start, dd0 = pl.pallas_call(
-        functools.partial(_bwd_kernel, T=T, eta=eta, d_min=d_min, d_max=d_max),
-        out_shape=(jax.ShapeDtypeStruct((B, H, T, K), f32), jax.ShapeDtypeStruct((B, H, T), f32),
-                   jax.ShapeDtypeStruct((B, H, T), f32), jax.ShapeDtypeStruct((B, H, 1, K), f32),
-                   jax.ShapeDtypeStruct((B, H, 1, K), f32)),
-        grid=(B, H), in_specs=[seq, tok, tok, tok, seq, seq, row], out_specs=(seq, tok, tok, row, row),
-        compiler_params=_PARAMS, interpret=interpret, name="osdn_preconditioner_bwd",
-    )(k, lg, b, st, d, g_traj, g_final)
-    return dk, dlg, db, jnp.zeros_like(st), jnp.sum(dd0, axis=0), dd_start
+    B, T, H, K = k.shape
+    sp = _Specs(T, K)
+    outputs = dict(dk=(jax.ShapeDtypeStruct(k.shape, k.dtype), sp.seq))
+    if s.apf:
+        outputs["dlg"] = (jax.ShapeDtypeStruct(lg.shape, lg.dtype), sp.tok)
+    if s.beta_aware:
+        outputs["db"] = (jax.ShapeDtypeStruct(b.shape, b.dtype), sp.tok)
+    outputs.update(dd_start=(jax.ShapeDtypeStruct((B, H, 1, K), f32), sp.row),
+                   dd0=(jax.ShapeDtypeStruct((B, H, 1, K), f32), sp.row))
+    out = _call(s, _bwd_kernel, "osdn_preconditioner_bwd",
+                dict(k=(k, sp.seq), lg=(lg, sp.tok), b=(b, sp.tok), st=(st, sp.starts), d=(d, sp.seq),
+                     gd=(g_traj, sp.seq), gfin=(g_final, sp.row)), outputs, B, H, T)
+    return out["dk"], out.get("dlg"), out.get("db"), None, jnp.sum(out["dd0"], axis=0), out["dd_start"]
 
 
 _trajectory.defvjp(_trajectory_fwd, _trajectory_bwd)
 
 
 def preconditioner_pallas(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, segment_ids=None,
-                          initial_d=None, interpret: bool | None = None):
+                          initial_d=None, target: Target | None = None):
     """Same contract and results as ``preconditioner_scan``: ``d [B, T, H, K]`` and ``d_final
-    [B, H, K]``, fp32. ``interpret`` defaults to True unless the backend is a GPU."""
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    f32 = jnp.float32
+    [B, H, K]``, fp32. ``target``: see ``osdn_jax.kernels.config`` (default: the one in force)."""
+    target = current_target() if target is None else target
     B, T, H, K = k.shape
-    Kp = max(_next_pow2(K), 16)
-    pad_k = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, Kp - K)])
-    head_major = lambda x: jnp.swapaxes(x.astype(f32), 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
+    Kp = padded_dim(K)
+    pad_k = lambda x: x if Kp == K else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, Kp - K)])  # noqa: E731
     d0 = d0.astype(f32)
     d_start = jnp.broadcast_to(d0, (B, H, K)) if initial_d is None else initial_d.astype(f32)
-    zeros = jnp.zeros((B, H, T), f32)
-    lg = zeros if log_gamma is None else head_major(log_gamma)
-    b = jnp.ones((B, H, T), f32) if beta is None else head_major(beta)
-    st = zeros if segment_ids is None else jnp.broadcast_to(document_starts(segment_ids).astype(f32)[:, None], (B, H, T))
-    d, d_final = _trajectory((float(eta), d_min, d_max), bool(interpret), pad_k(head_major(k)), lg, b, st,
-                             pad_k(d0)[:, None, :], pad_k(d_start)[:, :, None, :])
-    return jnp.swapaxes(d[..., :K], 1, 2), d_final[:, :, 0, :K]
+    st = None if segment_ids is None else document_starts(segment_ids).astype(jnp.int32)
+    s = Settings(float(eta), d_min, d_max, log_gamma is not None, beta is not None, segment_ids is not None, target,
+                 tiles_for(Kp, Kp, 64, Policy("float32", "ieee"), target.arch).precond.num_warps)
+    d, d_final = _trajectory(s, pad_k(k), log_gamma, beta, st, pad_k(d0)[:, None, :], pad_k(d_start)[:, :, None, :])
+    return d[..., :K], d_final[:, :, 0, :K]

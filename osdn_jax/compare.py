@@ -72,6 +72,21 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return float(np.median(times))
 
 
+def interleaved_seconds(fns: list[Callable[[], object]], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Median wall time (s) of each of ``fns``, called in turn (a, b, a, b, ...) so that drift on
+    a shared machine hits all of them alike; use the ratio of two."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [float(np.median(ts)) for ts in times]
+
+
 def median_ms(compiled, inputs: dict, repeats: int = 5) -> float:
     """Median wall time in ms of a compiled call after one warm-up call."""
     return 1e3 * median_seconds(lambda: jax.block_until_ready(compiled(inputs)), repeats)

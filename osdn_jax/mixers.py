@@ -38,12 +38,14 @@ class DeltaNetConfig:
     norm_eps: float = 1e-6  # per-head output RMSNorm
     impl: str = "auto"  # ops path: auto | reference | chunked | pallas
     chunk_size: int = 64
+    precision: str | None = None  # kernels' multiply policy: None (by dtype) | tf32 | ieee
 
     def __post_init__(self):
         require(isinstance(self.conv_size, int) and self.conv_size >= 1, "conv_size", "an int >= 1",
                  self.conv_size)
         require(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
         require(self.impl in ops.IMPLS, "impl", f"one of {ops.IMPLS}", self.impl)
+        require(self.precision in (None, "tf32", "ieee"), "precision", "None, 'tf32' or 'ieee'", self.precision)
         checks.check_chunk_size(self.chunk_size)
 
 
@@ -183,7 +185,7 @@ class DeltaNet(nnx.Module):
         """Runs the op; returns ``(o [B, T, H, V], S [B, H, K, V], d or None)``."""
         o, S = ops.delta_rule(q, k, v, beta, log_decay=gates.get("log_decay"), segment_ids=segment_ids,
                               initial_state=None if cache is None else cache.state, output_final_state=True,
-                              chunk_size=self.config.chunk_size, impl=impl)
+                              chunk_size=self.config.chunk_size, impl=impl, precision=self.config.precision)
         return o, S, None
 
     def _initial_d(self, batch_size: int) -> jax.Array | None:
@@ -300,7 +302,7 @@ class _OSDNMixin:
                         log_decay=gates.get("log_decay"), segment_ids=segment_ids,
                         initial_state=None if cache is None else cache.state,
                         initial_d=None if cache is None else cache.d, output_final_state=True,
-                        chunk_size=cfg.chunk_size, impl=impl)
+                        chunk_size=cfg.chunk_size, impl=impl, precision=cfg.precision)
 
     def _initial_d(self, batch_size: int) -> jax.Array:
         d0 = self.d0[...].astype(jnp.float32)

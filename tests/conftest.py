@@ -4,6 +4,10 @@ import pytest
 
 # Tests run on the CPU backend; the Pallas kernels run there with interpret=True.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite is dominated by XLA:CPU compiles of small programs (the Pallas interpreter above all);
+# skipping LLVM's backend optimisations compiles them ~40% faster. Numerics are unchanged (no
+# fast-math either way). Subprocesses inherit it.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -77,24 +77,26 @@ def make_case(variant: str, *, B=2, T=65, H=2, K=32, V=32, dtype=jnp.float32, se
     return Case(variant, arrays, kwargs)
 
 
-def run(case: Case, impl: str, *, chunk_size: int = 64, arrays: dict | None = None):
-    """Runs the case's op; returns a dict of outputs (o, state, and d for OSDN)."""
+def run(case: Case, impl: str, *, chunk_size: int = 64, arrays: dict | None = None, precision: str | None = None):
+    """Runs the case's op; returns a dict of outputs (o, state, and d for OSDN). ``precision`` is
+    the kernels' policy (None: the input dtype's default)."""
     from osdn_jax import ops
 
     a = dict(case.arrays if arrays is None else arrays)
     pos = [a.pop(n) for n in ("q", "k", "v", "beta")]
     if case.is_osdn:
         o, S, d = ops.osdn(*pos, a.pop("d0"), **a, **case.kwargs, output_final_state=True,
-                           chunk_size=chunk_size, impl=impl)
+                           chunk_size=chunk_size, impl=impl, precision=precision)
         return dict(o=o, state=S, d=d)
-    o, S = ops.delta_rule(*pos, **a, output_final_state=True, chunk_size=chunk_size, impl=impl)
+    o, S = ops.delta_rule(*pos, **a, output_final_state=True, chunk_size=chunk_size, impl=impl, precision=precision)
     return dict(o=o, state=S)
 
 
 FLOAT_INPUTS = ("q", "k", "v", "beta", "log_decay", "write_key", "d0", "log_gamma", "initial_state", "initial_d")
 
 
-def grads(case: Case, impl: str, *, chunk_size: int = 64, seed: int = 1, upcast: bool = False):
+def grads(case: Case, impl: str, *, chunk_size: int = 64, seed: int = 1, upcast: bool = False,
+          precision: str | None = None):
     """Gradients of a random linear functional of every output w.r.t. every float input.
 
     ``upcast`` runs the op on fp32 copies of the inputs (the reference for bf16 cases).
@@ -104,12 +106,13 @@ def grads(case: Case, impl: str, *, chunk_size: int = 64, seed: int = 1, upcast:
     if upcast:
         diff = {n: x.astype(jnp.float32) for n, x in diff.items()}
     fixed = {n: x for n, x in case.arrays.items() if n not in names}
-    outs = jax.eval_shape(lambda d: run(case, impl, chunk_size=chunk_size, arrays={**fixed, **d}), diff)
+    outs = jax.eval_shape(lambda d: run(case, impl, chunk_size=chunk_size, arrays={**fixed, **d}, precision=precision),
+                          diff)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(outs))
     cot = {n: jax.random.normal(kk, s.shape, jnp.float32) for kk, (n, s) in zip(keys, sorted(outs.items()))}
 
     def loss(d):
-        out = run(case, impl, chunk_size=chunk_size, arrays={**fixed, **d})
+        out = run(case, impl, chunk_size=chunk_size, arrays={**fixed, **d}, precision=precision)
         return sum(jnp.sum(out[n].astype(jnp.float32) * cot[n]) for n in out)
 
     return jax.jit(jax.grad(loss))(diff)

@@ -12,7 +12,15 @@ def test_gpu_suite_smoke():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| gdn") or line.startswith("| osdn")]
-    assert len(rows) == 2, out.stdout
+    assert len(rows) == 4, out.stdout  # bf16 and fp32 rows per op
+    assert {row.split("|")[2].strip() for row in rows} == {"bf16", "fp32"}, out.stdout
+
+
+def test_roofline_table():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("| delta_rule_grads_k |") == 8 and "osdn_preconditioner_fwd" in out.stdout
 
 
 def test_model_cpu_smoke():

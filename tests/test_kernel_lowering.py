@@ -1,35 +1,37 @@
-"""Every phase-2 kernel lowered for CUDA on the CPU host (forward and backward), so a GPU-only
-lowering break fails CI. Numerics are checked in test_chunked_vs_reference.py (interpret mode)."""
+"""Every kernel lowered for CUDA on the CPU host through the front door (forward and backward,
+sm_90 and sm_80), so a GPU-only lowering break fails CI. Numerics are checked in interpret mode
+(test_chunked_vs_reference.py); machine code in test_compile_kernels.py."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from cuda_lowering import lower_for_cuda
-from inputs import make_case
-from osdn_jax.kernels.delta_rule import delta_rule_pallas
+from cuda_lowering import lower_for_cuda, triton_calls
+from inputs import make_case, run
 
-KERNELS_FWD = ("delta_rule_intra", "delta_rule_states", "delta_rule_output")
-KERNELS_BWD = ("delta_rule_states_bwd", "delta_rule_grads")
+FWD = {"delta_rule_intra", "delta_rule_states", "delta_rule_output"}
+BWD = {"delta_rule_bwd_local", "delta_rule_states_bwd", "delta_rule_grads_wy", "delta_rule_grads_a",
+       "delta_rule_grads_k", "delta_rule_grads_q"}
+PHASE1 = {"osdn_preconditioner_fwd", "osdn_preconditioner_bwd"}
 
 
-@pytest.mark.parametrize("variant, K, V, C", [
-    ("deltanet", 64, 64, 64), ("gdn", 128, 128, 64), ("two_key", 128, 64, 32), ("gdn", 48, 80, 16),
+@pytest.mark.parametrize("variant, K, V, C, dtype, precision, arch", [
+    ("deltanet", 64, 64, 64, jnp.bfloat16, None, "sm_90"),
+    ("gdn", 128, 128, 64, jnp.bfloat16, None, "sm_80"),
+    ("two_key", 128, 64, 32, jnp.float32, "tf32", "sm_90"),
+    ("os_gdn", 48, 80, 16, jnp.float32, "ieee", "sm_80"),
+    ("osdn_apf", 128, 128, 64, jnp.float16, None, "sm_90"),
 ])
-def test_delta_rule_lowers_for_cuda(variant, K, V, C):
-    case = make_case(variant, B=2, T=200, H=2, K=K, V=V, dtype=jnp.bfloat16, segments=True, seed=1)
-    names = [n for n in ("q", "k", "v", "beta", "log_decay", "write_key", "initial_state") if n in case.arrays]
-    xs = {n: case.arrays[n] for n in names}
+def test_ops_lower_for_cuda(variant, K, V, C, dtype, precision, arch):
+    case = make_case(variant, B=2, T=200, H=2, K=K, V=V, dtype=dtype, segments=True, seed=1)
+    floats = {n: x for n, x in case.arrays.items() if n != "segment_ids"}
 
-    def f(xs):
-        a = {**case.arrays, **xs}
-        q, k, v, beta = (a.pop(n) for n in ("q", "k", "v", "beta"))
-        return delta_rule_pallas(q, k, v, beta, **a, scale=K**-0.5, chunk_size=C, interpret=False)
+    def loss(xs):
+        out = run(case, "pallas", chunk_size=C, arrays={**case.arrays, **xs}, precision=precision)
+        return sum(jnp.sum(x.astype(jnp.float32)) for x in out.values())
 
-    fwd = lower_for_cuda(f, xs)
-    for name in KERNELS_FWD:
-        assert name in fwd, f"{name} missing from the CUDA lowering"
-    loss = lambda xs: jnp.sum(f(xs)[0].astype(jnp.float32)) + jnp.sum(f(xs)[1])  # noqa: E731
-    bwd = lower_for_cuda(jax.grad(loss), xs)
-    for name in KERNELS_BWD:
-        assert name in bwd, f"{name} missing from the CUDA lowering"
+    names = {n for n, _ in triton_calls(lower_for_cuda(loss, floats, arch=arch))}
+    grad_names = {n for n, _ in triton_calls(lower_for_cuda(jax.grad(loss), floats, arch=arch))}
+    phase1 = PHASE1 if case.is_osdn else set()
+    assert names == FWD | (phase1 - {"osdn_preconditioner_bwd"}), names
+    assert grad_names == FWD | BWD | phase1, grad_names

@@ -62,13 +62,25 @@ def test_packed_documents_equal_separate_runs(name):
     assert float(jnp.max(jnp.abs(packed[:, cut:] - mixer(x)[:, cut:]))) > 1e-3  # the reset matters
 
 
+def _ran_kernels(mixer, x) -> bool:
+    """Whether the mixer's forward contains a ``pallas_call`` (outputs cannot tell which path ran)."""
+    graphdef, state = nnx.split(mixer)
+    return "pallas_call" in str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x))(state))
+
+
 @pytest.mark.parametrize("name", ["gdn", "osdn_apf_may"])
-def test_impl_is_passed_down(name):
+def test_impl_and_precision_are_passed_down(name):
     x = _x(T=45)
     ref = _mixer(name, impl="reference")(x)
     for impl in ("chunked", "pallas"):
-        out = _mixer(name, impl=impl, chunk_size=16)(x)
-        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-5)
+        mixer = _mixer(name, impl=impl, chunk_size=16, precision="ieee")
+        np.testing.assert_allclose(np.asarray(mixer(x)), np.asarray(ref), rtol=1e-4, atol=1e-5)
+        assert _ran_kernels(mixer, x) == (impl == "pallas"), impl
+    # the TF32 policy (emulated in interpret mode) reaches the kernels: close, but not IEEE-exact
+    tf32 = _mixer(name, impl="pallas", chunk_size=16, precision="tf32")(x)
+    err = float(jnp.max(jnp.abs(tf32 - ref)))
+    assert 1e-6 < err < 1e-2, err
+    assert not _ran_kernels(_mixer(name, impl="auto"), x)  # on CPU, auto runs the chunked path
 
 
 def test_osdn_with_unit_preconditioner_equals_deltanet():

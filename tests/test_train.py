@@ -246,6 +246,19 @@ def test_eight_devices_and_restore_onto_another_mesh(tmp_path):
     np.testing.assert_allclose([moved[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=2e-5)
 
 
+def test_pallas_kernels_train_on_eight_devices(tmp_path):
+    """The kernels (interpret mode, IEEE policy) split over a (data 2 × fsdp 4) mesh inside the
+    training step: the same losses as the chunked path on one device."""
+    common = ("--steps", "2", "--checkpoint.every", "0", "--optim.lr", "1e-2", "--model.chunk-size", "16")
+    one = _cli(tmp_path / "one", *common)
+    assert one.returncode == 0, one.stderr[-3000:]
+    eight = _cli(tmp_path / "eight", *common, "--model.impl", "pallas", "--model.precision", "ieee",
+                 "--mesh.cpu-devices", "8", "--mesh.fsdp", "4")
+    assert eight.returncode == 0, eight.stderr[-3000:]
+    ref, sharded = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+    np.testing.assert_allclose([sharded[s] for s in (1, 2)], [ref[s] for s in (1, 2)], rtol=2e-5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,6 +32,7 @@ class ModelSettings:
     beta_aware: bool | None = None  # OSDN mixers: the β-aware hypergradient
     impl: str | None = None  # ops path: auto | reference | chunked | pallas
     chunk_size: int | None = None
+    precision: str | None = None  # Pallas kernels' multiply policy: tf32 | ieee (None: by compute dtype)
     hidden_size: int | None = None
     num_layers: int | None = None
     num_heads: int | None = None
@@ -42,7 +43,7 @@ class ModelSettings:
         """The ``ModelConfig`` of this run (the vocab from the tokenizer, rows up to ``max_seq_len``)."""
         cfg = model_config(self.preset, mixer=self.mixer)
         mixer_changes = {"preset": self.osdn_preset, "apf": self.apf, "beta_aware": self.beta_aware,
-                         "impl": self.impl, "chunk_size": self.chunk_size}
+                         "impl": self.impl, "chunk_size": self.chunk_size, "precision": self.precision}
         mixer_changes = {k: v for k, v in mixer_changes.items() if v is not None}
         osdn_only = {"preset", "apf", "beta_aware"} & set(mixer_changes)
         if osdn_only and not hasattr(cfg.mixer, "preset"):

@@ -14,7 +14,9 @@ Pipeline (per process):
      first-fit packed into rows of ``seq_len + 1`` tokens with per-row segment ids, batched, and
      shifted into the batch contract below. Evaluation skips shuffle and repeat.
 
-Batch contract (a dict of numpy arrays, ``B = batch_size`` rows per process, ``T = seq_len``):
+Batch contract (a dict of numpy arrays; ``T = seq_len``; ``B`` = the ``batch_size`` of the config
+these functions are given: the global batch, which the training loop divides by the process count
+before handing each process its config):
   inputs       [B, T] int32    token ids (0 on padding)
   targets      [B, T] int32    the next token in the packed row (0 on padding)
   segment_ids  [B, T] int32    1, 2, ... per packed piece in the row, 0 on padding; a new value
@@ -74,7 +76,9 @@ class DataConfig:
     bpe_vocab_size:    vocabulary of a BPE trained on the training documents.
     tiktoken_encoding: "cl100k_base" or "o200k_base".
     seq_len:           T, positions per row (rows hold T + 1 tokens before the shift).
-    batch_size:        B, rows per batch on each process (the global batch is B * process_count).
+    batch_size:        B, rows per global batch (all processes together). The training loop hands
+                       each process a copy of this config with batch_size / process_count, so the
+                       functions here build that process's rows.
     seed:              shuffle seed of the training stream.
     eval_fraction:     share of documents held out for evaluation, in [0, 1).
     append_eos:        append EOS to every document, so the model learns where documents end.

@@ -132,10 +132,20 @@ def train(cfg: TrainConfig) -> dict:
         f"batch {cfg.data.batch_size}x{cfg.data.seq_len}; tokenizer {tokenizer.to_dict().get('kind', '?')} "
         f"(vocab {tokenizer.vocab_size})")
 
-    train_step = jax.jit(make_train_step(graphdef, tx, cfg.optim.grad_accum), donate_argnums=(0, 1),
-                         in_shardings=(shardings, opt_shardings, batch_sharding(mesh)),
-                         out_shardings=(shardings, opt_shardings, None))
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings, batch_sharding(mesh)))
+    def under_mesh(fn):
+        """Trace and run ``fn`` with the mesh in context, so the Pallas kernels split over it
+        (``osdn_jax.kernels.partition``) instead of gathering the batch on every device."""
+
+        def run(*args):
+            with jax.set_mesh(mesh):
+                return fn(*args)
+
+        return run
+
+    train_step = under_mesh(jax.jit(make_train_step(graphdef, tx, cfg.optim.grad_accum), donate_argnums=(0, 1),
+                                    in_shardings=(shardings, opt_shardings, batch_sharding(mesh)),
+                                    out_shardings=(shardings, opt_shardings, None)))
+    eval_step = under_mesh(jax.jit(make_eval_step(graphdef), in_shardings=(shardings, batch_sharding(mesh))))
     lr_at = learning_rate(cfg.optim, cfg.steps)
     metrics = MetricsWriter(run_dir, enabled=is_main)
 

@@ -6,11 +6,18 @@ states ``[B, H, K, V]`` (fp32), ``d0 [H, K]``, ``d [B, T, H, K]``, ``segment_ids
 ``impl`` chooses the path:
 
 - ``"reference"``: ``lax.scan`` token by token (the oracle);
-- ``"chunked"``: the chunkwise WY/UT form in plain JAX (any backend, differentiable);
-- ``"pallas"``: the Pallas (Triton) kernels, forward and backward; on a CPU backend they run with
-  ``interpret=True``. Arguments the kernels do not cover raise a ``ValueError``;
-- ``"auto"``: the best path tested for the current backend and arguments: the kernels on a GPU
-  once they are verified there (``PALLAS_VERIFIED_ON_GPU``), else ``"chunked"``.
+- ``"chunked"``: the chunkwise WY/UT form in plain JAX (any backend; a hand-written backward);
+- ``"pallas"``: the Pallas (Triton) kernels, forward and backward. They compile for a GPU target
+  and run in the Pallas interpreter elsewhere (``osdn_jax.kernels.kernel_target`` chooses, e.g. to
+  lower the real GPU kernels on a CPU host). Arguments the kernels do not cover raise a
+  ``ValueError``. Under a mesh they run per device (``osdn_jax.kernels.partition``);
+- ``"auto"``: the kernels on a GPU target for the (GPU generation, operand dtype) pairs that
+  passed the GPU suite (``PALLAS_VERIFIED_ON_GPU``, e.g. ``("sm_90", "bfloat16")``), else
+  ``"chunked"``; never under ``precision="ieee"`` (the exact XLA path serves that).
+
+``precision`` (kernels only; the reference and chunked paths always multiply in IEEE fp32):
+None = bf16 / fp16 inputs multiply in their dtype on tensor cores, fp32 inputs as TF32;
+``"tf32"`` or ``"ieee"`` = fp32 operands, TF32 or IEEE products (``osdn_jax.kernels.config``).
 
 Dispatch fails closed: a path runs only for the arguments its tests cover.
 """
@@ -22,8 +29,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from osdn_jax.kernels import config as kernel_config
 from osdn_jax.kernels import delta_rule as pallas_delta_rule
 from osdn_jax.kernels import preconditioner as pallas_preconditioner
+from osdn_jax.kernels.partition import run_partitioned
 from osdn_jax.ops import checks
 from osdn_jax.ops.chunked import delta_rule_chunked
 from osdn_jax.ops.preconditioner import preconditioner_scan
@@ -35,34 +44,76 @@ _delta_rule_reference = jax.jit(delta_rule_reference, static_argnames=("scale",)
 _delta_rule_chunked = jax.jit(delta_rule_chunked, static_argnames=("scale", "chunk_size"))
 _osdn_reference = jax.jit(osdn_reference, static_argnames=("precond", "scale"))
 _preconditioner = jax.jit(preconditioner_scan, static_argnames=("eta", "d_min", "d_max"))
-_preconditioner_pallas = jax.jit(pallas_preconditioner.preconditioner_pallas,
-                                 static_argnames=("eta", "d_min", "d_max"))
-_delta_rule_pallas = jax.jit(pallas_delta_rule.delta_rule_pallas, static_argnames=("scale", "chunk_size"))
+
+# Operand layouts for the mesh partitioning of the kernels (b: batch, h: heads).
+_LAYOUTS = dict(q="bthk", k="bthk", v="bthk", beta="bth", write_key="bthk", log_decay="bth", log_gamma="bth",
+                initial_state="bhkv", initial_d="bhk", segment_ids="bt", d0="hk")
 
 
-def _osdn_two_phase(q, k, v, beta, d0, *, precond, phase1, phase2, log_gamma=None, log_decay=None, scale,
-                    initial_state=None, initial_d=None, segment_ids=None, chunk_size=64):
-    """Phase 1 (the d trajectory), then phase 2 with write key d ⊙ k (fp32)."""
-    d, d_final = phase1(k, d0, eta=precond.eta, d_min=precond.d_min, d_max=precond.d_max, log_gamma=log_gamma,
-                        beta=beta if precond.beta_aware else None, segment_ids=segment_ids, initial_d=initial_d)
-    o, S = phase2(q, k, v, beta, write_key=d * k.astype(jnp.float32), log_decay=log_decay, scale=scale,
-                  initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+def _delta_rule_kernels(q, k, v, beta, *, write_key, log_decay, initial_state, segment_ids, scale, chunk_size,
+                        precision, target):
+    args = dict(q=q, k=k, v=v, beta=beta, write_key=write_key, log_decay=log_decay, initial_state=initial_state,
+                segment_ids=segment_ids)
+    fn = functools.partial(pallas_delta_rule.delta_rule_pallas, scale=scale, chunk_size=chunk_size,
+                           precision=precision, target=target)
+    return run_partitioned(fn, args, _LAYOUTS, ("bthv", "bhkv"), q=q, B=k.shape[0], H=k.shape[2])
+
+
+def _preconditioner_kernel(k, d0, *, eta, d_min, d_max, log_gamma, beta, segment_ids, initial_d, target):
+    args = dict(k=k, d0=d0, log_gamma=log_gamma, beta=beta, segment_ids=segment_ids, initial_d=initial_d)
+    fn = functools.partial(pallas_preconditioner.preconditioner_pallas, eta=eta, d_min=d_min, d_max=d_max,
+                           target=target)
+    return run_partitioned(fn, args, _LAYOUTS, ("bthk", "bhk"), q=k, B=k.shape[0], H=k.shape[2])
+
+
+def _osdn_kernels_local(q, k, v, beta, d0, *, log_gamma, log_decay, initial_state, initial_d, segment_ids, precond,
+                        scale, chunk_size, precision, target):
+    """Phase 1 kernel, then the phase-2 kernels with write key ``d ⊙ k`` formed inside them."""
+    d, d_final = pallas_preconditioner.preconditioner_pallas(
+        k, d0, eta=precond.eta, d_min=precond.d_min, d_max=precond.d_max, log_gamma=log_gamma,
+        beta=beta if precond.beta_aware else None, segment_ids=segment_ids, initial_d=initial_d, target=target)
+    o, S = pallas_delta_rule.delta_rule_pallas(
+        q, k, v, beta, write_scale=d, log_decay=log_decay, scale=scale, initial_state=initial_state,
+        segment_ids=segment_ids, chunk_size=chunk_size, precision=precision, target=target)
     return o, S, d_final
 
 
-_osdn_chunked = jax.jit(functools.partial(_osdn_two_phase, phase1=preconditioner_scan, phase2=delta_rule_chunked),
-                        static_argnames=("precond", "scale", "chunk_size"))
-_osdn_pallas = jax.jit(functools.partial(_osdn_two_phase, phase1=pallas_preconditioner.preconditioner_pallas,
-                                         phase2=pallas_delta_rule.delta_rule_pallas),
-                       static_argnames=("precond", "scale", "chunk_size"))
+def _osdn_kernels(q, k, v, beta, d0, *, log_gamma, log_decay, initial_state, initial_d, segment_ids, precond, scale,
+                  chunk_size, precision, target):
+    args = dict(q=q, k=k, v=v, beta=beta, d0=d0, log_gamma=log_gamma, log_decay=log_decay,
+                initial_state=initial_state, initial_d=initial_d, segment_ids=segment_ids)
+    fn = functools.partial(_osdn_kernels_local, precond=precond, scale=scale, chunk_size=chunk_size,
+                           precision=precision, target=target)
+    return run_partitioned(fn, args, _LAYOUTS, ("bthv", "bhkv", "bhk"), q=q, B=k.shape[0], H=k.shape[2])
 
 
-# "auto" picks the kernels on a GPU only after the GPU suite (benchmarks/gpu_suite.sh) has passed on
-# one: until then they are tested in interpret mode and lowered for CUDA, never run natively.
-PALLAS_VERIFIED_ON_GPU = False
+_KERNEL_STATICS = ("scale", "chunk_size", "precision", "target")
+_delta_rule_pallas = jax.jit(_delta_rule_kernels, static_argnames=_KERNEL_STATICS)
+_preconditioner_pallas = jax.jit(_preconditioner_kernel, static_argnames=("eta", "d_min", "d_max", "target"))
+_osdn_pallas = jax.jit(_osdn_kernels, static_argnames=_KERNEL_STATICS + ("precond",))
 
 
-def _choose_impl(impl: str, kernel_gap: str | None) -> str:
+def _osdn_chunked_fn(q, k, v, beta, d0, *, precond, log_gamma=None, log_decay=None, scale, initial_state=None,
+                     initial_d=None, segment_ids=None, chunk_size=64):
+    """Phase 1 (the d trajectory by scan), then the chunked phase 2 with write key d ⊙ k (fp32)."""
+    d, d_final = preconditioner_scan(k, d0, eta=precond.eta, d_min=precond.d_min, d_max=precond.d_max,
+                                     log_gamma=log_gamma, beta=beta if precond.beta_aware else None,
+                                     segment_ids=segment_ids, initial_d=initial_d)
+    o, S = delta_rule_chunked(q, k, v, beta, write_key=d * k.astype(jnp.float32), log_decay=log_decay, scale=scale,
+                              initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+    return o, S, d_final
+
+
+_osdn_chunked = jax.jit(_osdn_chunked_fn, static_argnames=("precond", "scale", "chunk_size"))
+
+
+# "auto" picks the kernels only for the (GPU generation, operand dtype) pairs that passed the GPU
+# suite (benchmarks/gpu_suite.sh) on a real GPU; until then they are tested in interpret mode and
+# compiled to GPU code on CPU (benchmarks/compile_kernels.py), never run natively.
+PALLAS_VERIFIED_ON_GPU: frozenset[tuple[str, str]] = frozenset()
+
+
+def _choose_impl(impl: str, kernel_gap: str | None, policy: kernel_config.Policy | None = None) -> str:
     """The path to run; ``kernel_gap`` is why the kernels do not cover these arguments (None: they do)."""
     checks.check_impl(impl, IMPLS)
     if impl == "pallas":
@@ -70,9 +121,21 @@ def _choose_impl(impl: str, kernel_gap: str | None) -> str:
             raise ValueError(f"impl='pallas': the kernels do not cover {kernel_gap}; use impl='chunked' or 'auto'")
         return "pallas"
     if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu" and PALLAS_VERIFIED_ON_GPU
-        return "pallas" if on_gpu and kernel_gap is None else "chunked"
+        target = kernel_config.current_target()
+        policy = policy or kernel_config.Policy("float32", "tf32")
+        # IEEE products are for accuracy checks: the exact XLA path serves them better on a GPU.
+        name = "ieee" if policy.fp32 == "ieee" and policy.operand == "float32" else policy.operand
+        verified = not target.interpret and name != "ieee" and (target.arch, name) in PALLAS_VERIFIED_ON_GPU
+        return "pallas" if verified and kernel_gap is None else "chunked"
     return impl
+
+
+def _policy(x, precision):
+    """The kernels' precision policy for inputs like ``x`` (validates ``precision``)."""
+    try:
+        return kernel_config.policy_for(x.dtype, precision)
+    except ValueError as e:
+        raise ValueError(f"precision: expected None, 'tf32' or 'ieee', got {precision!r}") from e
 
 
 def _scale(scale, K: int) -> float:
@@ -99,23 +162,26 @@ def _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_si
 
 
 def delta_rule(q, k, v, beta, *, write_key=None, log_decay=None, scale=None, initial_state=None,
-               segment_ids=None, output_final_state=False, chunk_size=64, impl="auto"):
+               segment_ids=None, output_final_state=False, chunk_size=64, impl="auto", precision=None):
     """DeltaNet; Gated DeltaNet with ``log_decay`` (``S ← exp(g_t) S`` before the write); the
     two-key rule (OSDN phase 2) with ``write_key`` ``k̃ [B, T, H, K]`` (erase with k, write with k̃).
 
     Returns ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] fp32 or None)``.
     ``scale`` defaults to ``K ** -0.5``. ``segment_ids`` restart the state wherever the id changes.
+    ``precision``: the kernels' multiply policy (see the module docstring).
     """
     B, T, H, K, V = _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size)
     checks.check_optional("write_key", write_key, (B, T, H, K), "[B, T, H, K] like k")
-    path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size))
+    policy = _policy(k, precision)
+    path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size), policy)
     scale = _scale(scale, K)
     kwargs = dict(write_key=write_key, log_decay=log_decay, scale=scale, initial_state=initial_state,
                   segment_ids=segment_ids)
     if path == "reference":
         o, S = _delta_rule_reference(q, k, v, beta, **kwargs)
     elif path == "pallas":
-        o, S = _delta_rule_pallas(q, k, v, beta, chunk_size=chunk_size, **kwargs)
+        o, S = _delta_rule_pallas(q, k, v, beta, chunk_size=chunk_size, precision=precision,
+                                  target=kernel_config.current_target(), **kwargs)
     else:
         o, S = _delta_rule_chunked(q, k, v, beta, chunk_size=chunk_size, **kwargs)
     return o, (S if output_final_state else None)
@@ -143,18 +209,21 @@ def osdn_preconditioner(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, 
     checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
     cfg = _precond_config(eta, d_min, d_max, beta is not None)
     path = _choose_impl(impl, pallas_preconditioner.supported(K))
-    run = _preconditioner_pallas if path == "pallas" else _preconditioner
-    return run(k, d0, eta=cfg.eta, d_min=cfg.d_min, d_max=cfg.d_max, log_gamma=log_gamma, beta=beta,
-               segment_ids=segment_ids, initial_d=initial_d)
+    kwargs = dict(eta=cfg.eta, d_min=cfg.d_min, d_max=cfg.d_max, log_gamma=log_gamma, beta=beta,
+                  segment_ids=segment_ids, initial_d=initial_d)
+    if path == "pallas":
+        return _preconditioner_pallas(k, d0, target=kernel_config.current_target(), **kwargs)
+    return _preconditioner(k, d0, **kwargs)
 
 
 def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=False, log_decay=None,
          scale=None, initial_state=None, initial_d=None, segment_ids=None, output_final_state=False,
-         chunk_size=64, impl="auto"):
+         chunk_size=64, impl="auto", precision=None):
     """OSDN, both phases: the preconditioner trajectory, then the delta rule with write key d ⊙ k.
 
     ``log_gamma [B, T, H]`` turns on APF; ``beta_aware`` selects the β-aware hypergradient;
     ``log_decay [B, T, H]`` adds the Gated-DeltaNet decay (OS-Gated DeltaNet).
+    ``precision``: the kernels' multiply policy (see the module docstring).
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None, final_d [B, H, K] or None)``.
     """
     B, T, H, K, V = _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size)
@@ -162,14 +231,16 @@ def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=Fal
     checks.check_optional("log_gamma", log_gamma, (B, T, H), "[B, T, H]")
     checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
     cfg = _precond_config(eta, d_min, d_max, beta_aware)
-    path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size))
+    policy = _policy(k, precision)
+    path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size), policy)
     scale = _scale(scale, K)
     kwargs = dict(precond=cfg, log_gamma=log_gamma, log_decay=log_decay, scale=scale,
                   initial_state=initial_state, initial_d=initial_d, segment_ids=segment_ids)
     if path == "reference":
         o, S, d_final, _ = _osdn_reference(q, k, v, beta, d0, **kwargs)
     elif path == "pallas":
-        o, S, d_final = _osdn_pallas(q, k, v, beta, d0, chunk_size=chunk_size, **kwargs)
+        o, S, d_final = _osdn_pallas(q, k, v, beta, d0, chunk_size=chunk_size, precision=precision,
+                                     target=kernel_config.current_target(), **kwargs)
     else:
         o, S, d_final = _osdn_chunked(q, k, v, beta, d0, chunk_size=chunk_size, **kwargs)
     if not output_final_state:
