@@ -97,9 +97,9 @@ def full_matrix(archs=("sm_90", "sm_80")) -> list[Config]:
 
 
 def quick_matrix() -> list[Config]:
-    """The CI subset: the largest tiles in bf16 on both generations and fp32 (TF32) on Hopper."""
+    """The CI subset: the largest tiles in bf16 on both generations, fp32 (TF32 and IEEE) on Hopper."""
     return [Config("full", 128, 128, "bfloat16", 64, "sm_90"), Config("full", 128, 128, "bfloat16", 64, "sm_80"),
-            Config("full", 128, 128, "tf32", 64, "sm_90")]
+            Config("full", 128, 128, "tf32", 64, "sm_90"), Config("full", 128, 128, "ieee", 64, "sm_90")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,10 +236,12 @@ def _job(args):
     return compile_kernel(*args)
 
 
-def run(configs: list[Config], workers: int) -> list[Report]:
+def run(configs: list[Config], workers: int, kernels: set[str] | None = None) -> list[Report]:
     jobs, seen = [], {}
     for cfg in configs:
         for kern in lower_kernels(cfg):
+            if kernels and kern.name not in kernels:
+                continue
             key = (hashlib.sha1(kern.ir).hexdigest(), kern.num_warps, kern.num_stages, cfg.arch)
             if key in seen:
                 continue
@@ -293,6 +295,7 @@ def main() -> int:
     ap.add_argument("--variant", choices=("full", "plain"), action="append")
     ap.add_argument("--tiles", action="append", default=[],
                     help="tuning override, e.g. grads=num_warps:8,bk:32,bv:32 (replaces the table's entry)")
+    ap.add_argument("--kernel", action="append", help="compile only these kernels (by name)")
     ap.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     args = ap.parse_args()
     configs = quick_matrix() if args.quick else full_matrix()
@@ -305,7 +308,7 @@ def main() -> int:
         return 2
     if args.tiles:
         override_tiles(args.tiles)
-    reports = run(configs, args.workers)
+    reports = run(configs, args.workers, set(args.kernel or ()))
     bad = [r for r in reports if r.problems]
     print(f"\n{len(reports)} kernels compiled, {len(bad)} with problems")
     return 1 if bad else 0

@@ -117,16 +117,17 @@ def current_target() -> Target:
 
 @dataclasses.dataclass(frozen=True)
 class KernelTiles:
-    """One kernel's launch settings: warps, software-pipelining stages, and its tile widths
-    (``bk`` over K, ``bv`` over V, ``bc`` rows of a ``[C, C]`` product, ``bt`` tokens of a
-    contraction over the chunk; 0 where the kernel does not tile that dim, or takes it whole)."""
+    """One kernel's launch settings: warps, software-pipelining stages, its tile widths (``bk``
+    over K, ``bv`` over V, ``bc`` rows of a ``[C, C]`` product; 0 where the kernel does not tile
+    that dim, or takes it whole), and ``rank1``: a serial kernel multiplies by rank-1 updates
+    instead of ``dot`` (IEEE fp32, where Triton's FMA dot spills)."""
 
     num_warps: int
     num_stages: int = 1
     bk: int = 0
     bv: int = 0
     bc: int = 0
-    bt: int = 0
+    rank1: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +156,7 @@ def tiles_for(K: int, V: int, C: int, policy: Policy, arch: str) -> Tiles:
     ones, and IEEE products (no tensor cores: Triton's FMA path keeps whole operand rows in
     registers) far more, so their tiles are smaller. Ampere's ``mma.sync`` keeps both operands in
     registers where Hopper's ``wgmma`` reads them from shared memory, so sm_80 gets narrower tiles
-    in the gradient kernels.
+    in the gradient kernels. IEEE serial kernels use rank-1 updates instead of ``dot``.
     """
     hopper = arch == "sm_90"
     k_ = lambda n: min(K, n)  # noqa: E731
@@ -187,14 +188,14 @@ def tiles_for(K: int, V: int, C: int, policy: Policy, arch: str) -> Tiles:
             grads_q=KernelTiles(w, bk=k_(32), bv=v_(32)),
             precond=KernelTiles(4),
         )
-    # IEEE fp32: exact products on the FMA units, the smallest tiles. Known gap: on sm_90 the two
-    # serial kernels still spill at K = 128 (docs/kernels.md), so "auto" never picks this policy.
+    # IEEE fp32: exact products on the FMA units, the smallest tiles; the serial kernels by rank-1
+    # updates (Triton's FMA dot keeps whole operand rows in registers and spilled there on sm_90).
     return Tiles(
         intra=KernelTiles(w, bk=k_(16), bv=v_(16)),
-        states=KernelTiles(w, bk=k_(64 if hopper else 32), bv=v_(16), bt=16),
+        states=KernelTiles(w, bv=v_(16), rank1=True),
         output=KernelTiles(w, bk=k_(16), bv=v_(16)),
         bwd_local=KernelTiles(w, bk=k_(16), bv=v_(16)),
-        states_bwd=KernelTiles(w, bk=k_(128 if hopper else 32), bv=v_(16), bt=16),
+        states_bwd=KernelTiles(w, bv=v_(16), rank1=True),
         grads_wy=KernelTiles(w, bk=k_(16), bv=v_(16)),
         grads_a=KernelTiles(w, bk=k_(16), bc=16),
         grads_k=KernelTiles(w, bk=k_(16), bv=v_(16)),

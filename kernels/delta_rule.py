@@ -177,50 +177,35 @@ def _intra_kernel(*refs, spec: Spec, names):
     tile_loop(spec.V // bv, v_tile, 0)
 
 
-def _state_tiles(spec: Spec, bk: int):
-    """Row ranges of the K tiles a serial kernel carries its state in (``bk`` 0: one tile)."""
-    bk = bk or spec.K
-    return [pl.ds(i * bk, bk) for i in range(spec.K // bk)]
-
-
-def _over_tokens(spec: Spec, n, bt: int, a_ref, kc, b):
-    """``a_ref[chunk n, kc]ᵀ B`` (contracting the C tokens of the chunk). ``b`` is a ``[C, bv]``
-    value, or with ``bt`` > 0 a function giving token rows ``[bt, bv]``: the contraction then runs
-    in blocks of ``bt`` tokens (fp32 IEEE products hold whole operand rows in registers)."""
-    C = spec.C
-    if not bt:
-        return mm(a_ref[pl.ds(n * C, C), kc], b, spec.env, ta=True)
-    out = None
-    for j in range(C // bt):
-        part = mm(a_ref[pl.ds(n * C + j * bt, bt), kc], b(j * bt, bt), spec.env, ta=True)
-        out = part if out is None else out + part
-    return out
+def _outer_sum(count: int, col, row, acc):
+    """``acc + Σ_i col(i) row(i)`` with ``col(i) [m, 1]``, ``row(i) [1, n]``: rank-1 updates in
+    exact fp32. The IEEE policy's serial products take this form, because Triton's FMA dot holds
+    whole operand rows in registers and spills there."""
+    return lax.fori_loop(0, count, lambda i, acc: acc + col(i).astype(f32) * row(i).astype(f32), acc)
 
 
 def _states_kernel(*refs, spec: Spec, names):
-    """Serial over chunks; the state ``[K, bv]`` is carried as K tiles (one unless the config
-    splits it, as it does for fp32 IEEE products)."""
+    """Serial over chunks, carrying the fp32 state ``[K, bv]``."""
     r = Refs(names, refs)
     env, C, K = spec.env, spec.C, spec.K
-    cfg = spec.tiles.states
-    kts = _state_tiles(spec, cfg.bk)
 
     def chunk(n, S):
         tok = pl.ds(n * C, C)
         a = _serial_scalars(r, n, spec)
-        v_new = r.u[tok, :]
-        for kc, S_i in zip(kts, S):
-            r.s_in[pl.ds(n * K + kc.start, kc.size), :] = S_i.astype(r.s_in.dtype)
-            v_new = v_new - mm(r.w[tok, kc], S_i, env)
+        r.s_in[pl.ds(n * K, K), :] = S.astype(r.s_in.dtype)
+        if not spec.tiles.states.rank1:
+            v_new = r.u[tok, :] - mm(r.w[tok, :], S, env)
+            r.vn[tok, :] = v_new.astype(r.vn.dtype)
+            return a * S + mm(r.kt[tok, :], v_new, env, ta=True)
+        barrier(env)  # the rows of S just stored, for every thread
+        v_new = _outer_sum(K, lambda k: -r.w[tok, pl.ds(k, 1)], lambda k: r.s_in[pl.ds(n * K + k, 1), :],
+                           r.u[tok, :])
         r.vn[tok, :] = v_new.astype(r.vn.dtype)
-        if cfg.bt:
-            barrier(env)
-        b = (lambda t0, bt: r.vn[pl.ds(n * C + t0, bt), :]) if cfg.bt else v_new
-        return tuple(a * S_i + _over_tokens(spec, n, cfg.bt, r.kt, kc, b) for kc, S_i in zip(kts, S))
+        barrier(env)
+        row = lambda ref: lambda c: ref[pl.ds(n * C + c, 1), :]  # noqa: E731
+        return _outer_sum(C, lambda c: row(r.kt)(c).T, row(r.vn), a * S)
 
-    S = lax.fori_loop(0, spec.N, chunk, tuple(r.s0[kc, :].astype(f32) for kc in kts))
-    for kc, S_i in zip(kts, S):
-        r.s_fin[kc, :] = S_i
+    r.s_fin[...] = lax.fori_loop(0, spec.N, chunk, r.s0[...].astype(f32))
 
 
 def _output_kernel(*refs, spec: Spec, names):
@@ -268,34 +253,31 @@ def _bwd_local_kernel(*refs, spec: Spec, names):
 
 
 def _states_bwd_kernel(*refs, spec: Spec, names):
-    """Reverse serial pass; the state cotangent is carried as K tiles like the forward state."""
+    """Reverse serial pass, carrying the fp32 state cotangent ``[K, bv]``."""
     r = Refs(names, refs)
     env, C, K, N = spec.env, spec.C, spec.K, spec.N
-    cfg = spec.tiles.states_bwd
-    kts = _state_tiles(spec, cfg.bk)
 
     def chunk(i, dS):
         n = N - 1 - i
         tok = pl.ds(n * C, C)
         a = _serial_scalars(r, n, spec)
-        dv_new = r.dvl[tok, :]
-        for kc, dS_i in zip(kts, dS):
-            r.dsout[pl.ds(n * K + kc.start, kc.size), :] = dS_i.astype(r.dsout.dtype)
-            dv_new = dv_new + mm(r.kt[tok, kc], dS_i, env)
+        r.dsout[pl.ds(n * K, K), :] = dS.astype(r.dsout.dtype)
+        if not spec.tiles.states_bwd.rank1:
+            dv_new = r.dvl[tok, :] + mm(r.kt[tok, :], dS, env)
+            r.dvn[tok, :] = dv_new.astype(r.dvn.dtype)
+            dO = load(r.do.at[tok, :], valid_rows(n * C, C, env.T))
+            return a * dS + spec.scale * mm(r.qf[tok, :], dO, env, ta=True) - mm(r.w[tok, :], dv_new, env, ta=True)
+        barrier(env)
+        dv_new = _outer_sum(K, lambda k: r.kt[tok, pl.ds(k, 1)], lambda k: r.dsout[pl.ds(n * K + k, 1), :],
+                            r.dvl[tok, :])
         r.dvn[tok, :] = dv_new.astype(r.dvn.dtype)
-        if cfg.bt:
-            barrier(env)
-            d_out = lambda t0, bt: load(r.do.at[pl.ds(n * C + t0, bt), :], valid_rows(n * C + t0, bt, env.T))  # noqa: E731
-            d_new = lambda t0, bt: -r.dvn[pl.ds(n * C + t0, bt), :].astype(f32)  # noqa: E731
-        else:
-            d_out = load(r.do.at[tok, :], valid_rows(n * C, C, env.T))
-            d_new = -dv_new
-        return tuple(a * dS_i + spec.scale * _over_tokens(spec, n, cfg.bt, r.qf, kc, d_out)
-                     + _over_tokens(spec, n, cfg.bt, r.w, kc, d_new) for kc, dS_i in zip(kts, dS))
+        barrier(env)
+        row = lambda ref: lambda c: ref[pl.ds(n * C + c, 1), :]  # noqa: E731
+        d_out = lambda c: load(r.do.at[pl.ds(n * C + c, 1), :], valid_rows(n * C + c, 1, env.T))  # noqa: E731
+        dS = _outer_sum(C, lambda c: spec.scale * row(r.qf)(c).T, d_out, a * dS)
+        return _outer_sum(C, lambda c: -row(r.w)(c).T, row(r.dvn), dS)
 
-    dS = lax.fori_loop(0, N, chunk, tuple(r.dsfin[kc, :].astype(f32) for kc in kts))
-    for kc, dS_i in zip(kts, dS):
-        r.ds0[kc, :] = dS_i
+    r.ds0[...] = lax.fori_loop(0, N, chunk, r.dsfin[...].astype(f32))
 
 
 def _v_contract(r, valid, spec: Spec, kc, bk: int, bv: int, *, dqs: bool, dkt: bool):
