@@ -6,7 +6,7 @@ would see: registers, spills, shared memory, tensor-core instructions.
     python benchmarks/compile_kernels.py --arch sm_90 --operand bfloat16 --dims 128x128
 
 Route: each op is lowered for CUDA through the front door (``ops.osdn`` / ``ops.delta_rule`` with
-``impl="pallas"`` under ``kernel_target("gpu", arch=...)``, forward and backward). Every
+``impl="pallas"``, forward and backward; ``osdn_jax.kernels.lowering.lower_for_gpu``). Every
 ``__gpu$xla.gpu.triton`` custom call in the StableHLO carries the kernel's Triton IR (MLIR
 bytecode from jaxlib's embedded Triton) with its name, ``num_warps`` and ``num_stages``. The
 bytecode is re-printed as generic MLIR text with jaxlib's own Triton dialect (bytecode does not
@@ -40,7 +40,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unles
 SMEM_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
 MAX_REGS = 255
 CC = {"sm_90": 90, "sm_80": 80}
-DEVICE_KIND = {"sm_90": "NVIDIA H100 80GB HBM3", "sm_80": "NVIDIA A100-SXM4-80GB"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +106,13 @@ def quick_matrix() -> list[Config]:
 
 
 def lower_kernels(cfg: Config) -> list[Kernel]:
-    """Lower the op (forward and backward) for CUDA through the front door; the Triton kernels."""
+    """Lower the op (forward and backward) for CUDA through the front door; its Triton kernels
+    (the first call of each name)."""
     import jax
     import jax.numpy as jnp
 
     from osdn_jax import ops
+    from osdn_jax.kernels.lowering import lower_for_gpu, triton_calls
 
     dtype = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(cfg.operand, jnp.float32)
     precision = cfg.operand if cfg.operand in ("tf32", "ieee") else None
@@ -134,33 +135,11 @@ def lower_kernels(cfg: Config) -> list[Kernel]:
         o, _ = ops.delta_rule(q, k, v, beta, chunk_size=cfg.C, impl="pallas", precision=precision)
         return jnp.sum(o.astype(jnp.float32))
 
-    dev = jax.sharding.AbstractDevice(device_kind=DEVICE_KIND[cfg.arch], num_cores=132, platform="cuda")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=dev)
-    with ops.kernel_target("gpu", arch=cfg.arch), jax.sharding.use_abstract_mesh(mesh):
-        lowered = jax.jit(jax.value_and_grad(loss)).trace(xs, seg if cfg.variant == "full" else None).lower(
-            lowering_platforms=("cuda",))
-    return list(triton_calls(lowered.compiler_ir("stablehlo"), cfg).values())
-
-
-def triton_calls(module, cfg: Config) -> dict[str, Kernel]:
-    """Every Triton custom call in a lowered module, by kernel name (first occurrence)."""
-    found: dict[str, Kernel] = {}
-
-    def walk(op):
-        for region in op.regions:
-            for block in region:
-                for inner in block.operations:
-                    o = inner.operation
-                    if o.name == "stablehlo.custom_call" and "triton" in str(o.attributes["call_target_name"]):
-                        bc = o.attributes["mhlo.backend_config"]
-                        name = str(bc["name"]).strip('"')
-                        number = lambda key: int(str(bc[key]).split(":")[0])  # noqa: E731  "4 : i32"
-                        found.setdefault(name, Kernel(name, bc["ir"].value_bytes, number("num_warps"),
-                                                      number("num_stages"), cfg))
-                    walk(o)
-
-    walk(module.operation)
-    return found
+    lowered = lower_for_gpu(jax.value_and_grad(loss), xs, seg if cfg.variant == "full" else None, arch=cfg.arch)
+    first = {}
+    for c in triton_calls(lowered):
+        first.setdefault(c.name, Kernel(c.name, c.ir, c.num_warps, c.num_stages, cfg))
+    return list(first.values())
 
 
 def generic_text(ir: bytes) -> str:

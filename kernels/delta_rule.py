@@ -40,19 +40,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from osdn_jax.kernels.config import KernelTiles, Policy, Target, Tiles, current_target, policy_for, tiles_for
 from osdn_jax.kernels.tiles import (
-    Env, Refs, barrier, blocked_inverse, chunk_scalars, gates, load, mm, reverse_cumsum, store, tile_loop,
+    Env, Refs, barrier, blocked_inverse, call, chunk_scalars, gates, load, mm, reverse_cumsum, store, tile_loop,
     valid_rows,
 )
-from osdn_jax.ops.segments import chunk_documents
+from osdn_jax.ops.segments import chunk_document_numbers
 
 f32 = jnp.float32
 CHUNK_SIZES = (16, 32, 64)
 MAX_HEAD_DIM = 128
-KEY_MODES = ("same", "key", "scale")  # k̃ = k; k̃ given; k̃ = d ⊙ k
 
 
 def padded_dim(n: int) -> int:
@@ -102,6 +100,11 @@ def _keys(r, valid, spec: Spec, cols=None):
     if spec.key == "key":
         return k, load(view(r.kw), valid)
     return k, load(view(r.kw), valid, dtype=f32) * k.astype(f32)
+
+
+def _chunk_rows(spec: Spec):
+    """``[C]`` bool: the rows of this program's chunk (grid axis 2) that lie inside the sequence."""
+    return valid_rows(pl.program_id(2) * spec.C, spec.C, spec.env.T)
 
 
 def _chunk_gates(r, valid, spec: Spec):
@@ -160,9 +163,9 @@ def _store_w_and_state_key(r, valid, spec: Spec, bk: int, T, beta, gt, *, with_q
 
 def _intra_kernel(*refs, spec: Spec, names):
     r = Refs(names, refs)
-    env, C = spec.env, spec.C
+    env = spec.env
     bk, bv = spec.tiles.intra.bk, spec.tiles.intra.bv
-    valid = valid_rows(pl.program_id(2) * C, C, env.T)
+    valid = _chunk_rows(spec)
     beta, gt = _chunk_inputs(r, valid, spec)
     A = jnp.where(gt.rows > gt.cols, _gram(r, valid, spec, bk) * beta[:, None] * gt.D, 0.0)
     T = blocked_inverse(A, r.t, env)
@@ -212,7 +215,7 @@ def _output_kernel(*refs, spec: Spec, names):
     r = Refs(names, refs)
     env, C = spec.env, spec.C
     bk, bv = spec.tiles.output.bk, spec.tiles.output.bv
-    valid = valid_rows(pl.program_id(2) * C, C, env.T)
+    valid = _chunk_rows(spec)
     gt = _chunk_gates(r, valid, spec)
     P = _gram(r, valid, spec, bk, query=True) * gt.D * spec.scale
     q_scale = (spec.scale * gt.fs)[:, None]
@@ -237,9 +240,9 @@ def _output_kernel(*refs, spec: Spec, names):
 
 def _bwd_local_kernel(*refs, spec: Spec, names):
     r = Refs(names, refs)
-    env, C = spec.env, spec.C
+    env = spec.env
     bk, bv = spec.tiles.bwd_local.bk, spec.tiles.bwd_local.bv
-    valid = valid_rows(pl.program_id(2) * C, C, env.T)
+    valid = _chunk_rows(spec)
     beta, gt = _chunk_inputs(r, valid, spec)
     _store_w_and_state_key(r, valid, spec, bk, r.t[...], beta, gt, with_qf=True)
     P = _gram(r, valid, spec, bk, query=True) * gt.D * spec.scale
@@ -309,7 +312,7 @@ def _grads_wy_kernel(*refs, spec: Spec, names):
     r = Refs(names, refs)
     env, C = spec.env, spec.C
     bk, bv = spec.tiles.grads_wy.bk, spec.tiles.grads_wy.bv
-    valid = valid_rows(pl.program_id(2) * C, C, env.T)
+    valid = _chunk_rows(spec)
     beta, gt = _chunk_inputs(r, valid, spec)
     T = r.t[...]
 
@@ -344,7 +347,7 @@ def _grads_a_kernel(*refs, spec: Spec, names):
     r = Refs(names, refs)
     env, C = spec.env, spec.C
     bk = spec.tiles.grads_a.bk
-    valid = valid_rows(pl.program_id(2) * C, C, env.T)
+    valid = _chunk_rows(spec)
     beta, gt = _chunk_inputs(r, valid, spec)
     bc = spec.tiles.grads_a.bc or C
 
@@ -384,7 +387,7 @@ def _grads_k_kernel(*refs, spec: Spec, names):
     r = Refs(names, refs)
     env, C = spec.env, spec.C
     bk, bv = spec.tiles.grads_k.bk, spec.tiles.grads_k.bv
-    valid = valid_rows(pl.program_id(2) * C, C, env.T)
+    valid = _chunk_rows(spec)
     beta, gt = _chunk_inputs(r, valid, spec)
     dP = _dP(r, valid, spec, gt, bv)
     M = r.da[...] * beta[:, None]
@@ -427,7 +430,7 @@ def _grads_q_kernel(*refs, spec: Spec, names):
     r = Refs(names, refs)
     env, C, scale = spec.env, spec.C, spec.scale
     bk, bv = spec.tiles.grads_q.bk, spec.tiles.grads_q.bv
-    valid = valid_rows(pl.program_id(2) * C, C, env.T)
+    valid = _chunk_rows(spec)
     gt = _chunk_gates(r, valid, spec)
     dP = _dP(r, valid, spec, gt, bv)
 
@@ -473,17 +476,8 @@ class _Specs:
 
 
 def _call(spec: Spec, body, name: str, tiles: KernelTiles, grid, inputs: dict, outputs: dict):
-    """One ``pallas_call``: ``inputs`` / ``outputs`` map names to ``(array or ShapeDtypeStruct,
-    BlockSpec)``; None entries are left out (absent optional inputs)."""
-    ins = {n: v for n, v in inputs.items() if v[0] is not None}
-    names = tuple(ins) + tuple(outputs)
-    params = plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    outs = pl.pallas_call(
-        functools.partial(body, spec=spec, names=names), grid=grid, name=name,
-        in_specs=[s for _, s in ins.values()], out_specs=[s for _, s in outputs.values()],
-        out_shape=[o for o, _ in outputs.values()], compiler_params=params, interpret=spec.env.target.interpret,
-    )(*(a for a, _ in ins.values()))
-    return dict(zip(outputs, outs))
+    return call(body, name, grid, inputs, outputs, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                interpret=spec.env.target.interpret, spec=spec)
 
 
 def _sds(shape, dtype):
@@ -600,14 +594,6 @@ def supported(K: int, V: int, chunk_size: int) -> str | None:
     return None
 
 
-def document_numbers(segment_ids, C: int):
-    """``[B, T_pad]`` int32: per token, the number of documents that started since its chunk
-    began (0: the document the incoming state belongs to)."""
-    doc, _ = chunk_documents(segment_ids, C)  # [B, N, C]
-    before = jnp.concatenate([jnp.zeros_like(doc[:, :1, -1]), doc[:, :-1, -1]], axis=1)
-    return (doc - before[..., None]).reshape(doc.shape[0], -1).astype(jnp.int32)
-
-
 def _pad_last(x, n):
     if x is None or x.shape[-1] == n:
         return x
@@ -638,7 +624,7 @@ def delta_rule_pallas(q, k, v, beta, *, write_key=None, write_scale=None, log_de
     kws = write_key if write_scale is None else write_scale.astype(f32)
     q, k, kws = (_pad_last(x, Kp) for x in (q, k, kws))
     v = _pad_last(v, Vp)
-    rel = None if segment_ids is None else document_numbers(segment_ids, C)
+    rel = None if segment_ids is None else chunk_document_numbers(segment_ids, C)[1].reshape(B, -1)
     if initial_state is None:
         S0 = jnp.zeros((B, H, Kp, Vp), f32)
     else:

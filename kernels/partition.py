@@ -46,8 +46,7 @@ _OVERRIDE: contextvars.ContextVar[Axes | None] = contextvars.ContextVar("osdn_ke
 @contextlib.contextmanager
 def kernel_partition(batch=(), heads=()):
     """Split the kernels' rows over the mesh axes ``batch`` and heads over ``heads`` (Auto meshes)."""
-    as_tuple = lambda x: (x,) if isinstance(x, str) else tuple(x)  # noqa: E731
-    token = _OVERRIDE.set(Axes(as_tuple(batch), as_tuple(heads)))
+    token = _OVERRIDE.set(Axes(_names(batch), _names(heads)))
     try:
         yield
     finally:

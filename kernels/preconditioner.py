@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from osdn_jax.kernels.config import Policy, Target, current_target, tiles_for
 from osdn_jax.kernels.delta_rule import padded_dim
-from osdn_jax.kernels.tiles import Refs
+from osdn_jax.kernels.tiles import Refs, call
 from osdn_jax.ops.segments import document_starts
 
 f32 = jnp.float32
@@ -132,14 +131,8 @@ class _Specs:
 
 
 def _call(s: Settings, body, name, inputs: dict, outputs: dict, B, H, T):
-    ins = {n: v for n, v in inputs.items() if v[0] is not None}
-    names = tuple(ins) + tuple(outputs)
-    return dict(zip(outputs, pl.pallas_call(
-        functools.partial(body, s=s, T=T, names=names), grid=(B, H), name=name,
-        in_specs=[sp for _, sp in ins.values()], out_specs=[sp for _, sp in outputs.values()],
-        out_shape=[o for o, _ in outputs.values()], interpret=s.target.interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=s.num_warps, num_stages=1),
-    )(*(a for a, _ in ins.values()))))
+    return call(body, name, (B, H), inputs, outputs, num_warps=s.num_warps, num_stages=1,
+                interpret=s.target.interpret, s=s, T=T)
 
 
 def _trajectory_call(s: Settings, k, lg, b, st, d0, d_start):

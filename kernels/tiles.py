@@ -8,6 +8,7 @@ rules (power-of-two tiles, ``fori_loop`` only, ``pl.ds`` on refs, no value slici
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,23 @@ class Refs:
 
     def __getattr__(self, name):
         return None
+
+
+def call(body, name: str, grid, inputs: dict, outputs: dict, *, num_warps: int, num_stages: int,
+         interpret: bool, **static) -> dict:
+    """One Triton ``pallas_call`` with named refs. ``inputs`` / ``outputs`` map names to
+    ``(array or ShapeDtypeStruct, BlockSpec)``; inputs whose array is None are left out. The body
+    is called as ``body(*refs, names=..., **static)`` (read the refs with ``Refs``); returns the
+    outputs by name."""
+    ins = {n: v for n, v in inputs.items() if v[0] is not None}
+    names = tuple(ins) + tuple(outputs)
+    outs = pl.pallas_call(
+        functools.partial(body, names=names, **static), grid=grid, name=name,
+        in_specs=[spec for _, spec in ins.values()], out_specs=[spec for _, spec in outputs.values()],
+        out_shape=[shape for shape, _ in outputs.values()], interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    )(*(a for a, _ in ins.values()))
+    return dict(zip(outputs, outs))
 
 
 # ----------------------------------------------------------------------------------------------

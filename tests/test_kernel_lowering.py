@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cuda_lowering import lower_for_cuda, triton_calls
 from inputs import make_case, run
+from osdn_jax.kernels.lowering import lower_for_gpu, triton_calls
 
 FWD = {"delta_rule_intra", "delta_rule_states", "delta_rule_output"}
 BWD = {"delta_rule_bwd_local", "delta_rule_states_bwd", "delta_rule_grads_wy", "delta_rule_grads_a",
@@ -30,8 +30,8 @@ def test_ops_lower_for_cuda(variant, K, V, C, dtype, precision, arch):
         out = run(case, "pallas", chunk_size=C, arrays={**case.arrays, **xs}, precision=precision)
         return sum(jnp.sum(x.astype(jnp.float32)) for x in out.values())
 
-    names = {n for n, _ in triton_calls(lower_for_cuda(loss, floats, arch=arch))}
-    grad_names = {n for n, _ in triton_calls(lower_for_cuda(jax.grad(loss), floats, arch=arch))}
+    names = {c.name for c in triton_calls(lower_for_gpu(loss, floats, arch=arch))}
+    grad_names = {c.name for c in triton_calls(lower_for_gpu(jax.grad(loss), floats, arch=arch))}
     phase1 = PHASE1 if case.is_osdn else set()
     assert names == FWD | (phase1 - {"osdn_preconditioner_bwd"}), names
     assert grad_names == FWD | BWD | phase1, grad_names

@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cuda_lowering import abstract_mesh, lower_for_cuda, triton_calls
 from osdn_jax import ops
+from osdn_jax.kernels.lowering import abstract_gpu_mesh, lower_for_gpu, triton_calls
 
 HERE = pathlib.Path(__file__).parent
 
@@ -44,29 +44,29 @@ def _loss(xs):
 @pytest.mark.parametrize("shape, names, batch", [((2, 4), ("data", "fsdp"), ("data", "fsdp")),
                                                  ((8,), ("data",), "data")])
 def test_lowered_kernels_run_inside_shard_map(axis_type, shape, names, batch):
-    mesh = abstract_mesh(shape, names, axis_type)
-    calls = triton_calls(lower_for_cuda(jax.grad(_loss), _inputs(mesh, batch), mesh=mesh))
+    mesh = abstract_gpu_mesh(shape, names, axis_type)
+    calls = triton_calls(lower_for_gpu(jax.grad(_loss), _inputs(mesh, batch), mesh=mesh))
     assert len(calls) == 11, calls  # phase 1 and phase 2, forward and backward
-    outside = [n for n, manual in calls if not manual]
+    outside = [c.name for c in calls if not c.manual]
     assert not outside, f"kernels outside the manual region (XLA would gather their operands): {outside}"
 
 
 def test_heads_split_on_an_explicit_mesh():
-    mesh = abstract_mesh((4, 2), ("data", "model"), AxisType.Explicit)
-    lowered = lower_for_cuda(jax.grad(_loss), _inputs(mesh, "data", "model"), mesh=mesh)
-    assert all(manual for _, manual in triton_calls(lowered))
+    mesh = abstract_gpu_mesh((4, 2), ("data", "model"), AxisType.Explicit)
+    lowered = lower_for_gpu(jax.grad(_loss), _inputs(mesh, "data", "model"), mesh=mesh)
+    assert all(c.manual for c in triton_calls(lowered))
     assert '{"model"}' in lowered.as_text()  # heads stay split over the model axis inside the kernels
 
 
 def test_sharded_time_axis_is_refused():
-    mesh = abstract_mesh((2, 4), ("data", "seq"), AxisType.Explicit)
+    mesh = abstract_gpu_mesh((2, 4), ("data", "seq"), AxisType.Explicit)
     xs = _inputs(mesh, "data")
     xs["q"] = jax.ShapeDtypeStruct(xs["q"].shape, xs["q"].dtype, sharding=NamedSharding(mesh, P("data", "seq")))
     with pytest.raises(ValueError, match="q: the time axis is sharded over mesh axes .*'seq'"):
-        lower_for_cuda(_loss, xs, mesh=mesh)
+        lower_for_gpu(_loss, xs, mesh=mesh)
 
 
 def test_auto_axes_that_do_not_divide_the_batch_are_left_out():
-    mesh = abstract_mesh((2, 4), ("data", "fsdp"), AxisType.Auto)
-    calls = triton_calls(lower_for_cuda(_loss, _inputs(mesh, None, B=2), mesh=mesh))
-    assert calls and all(manual for _, manual in calls)  # rows over 'data' only (4 does not divide 2·…)
+    mesh = abstract_gpu_mesh((2, 4), ("data", "fsdp"), AxisType.Auto)
+    calls = triton_calls(lower_for_gpu(_loss, _inputs(mesh, None, B=2), mesh=mesh))
+    assert calls and all(c.manual for c in calls)  # rows over 'data' only (4 does not divide 2·…)

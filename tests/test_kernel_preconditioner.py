@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cuda_lowering import lower_for_cuda, triton_calls
 from inputs import OSDN_SETTINGS, make_case
+from osdn_jax.kernels.lowering import lower_for_gpu, triton_calls
 from osdn_jax.kernels.preconditioner import preconditioner_pallas
 from osdn_jax.ops.preconditioner import preconditioner_scan
 from tolerances import assert_close
@@ -63,8 +63,9 @@ def test_lowers_for_cuda(options):
                      segments=options == "all", initial_state=options == "all", seed=5)
     xs = _diff_inputs(case)
     fn = lambda xs: preconditioner_pallas(xs["k"], xs["d0"], **_kwargs(case, {**case.arrays, **xs}))  # noqa: E731
-    fwd = [n for n, _ in triton_calls(lower_for_cuda(fn, xs))]
-    bwd = [n for n, _ in triton_calls(lower_for_cuda(jax.grad(lambda xs: jnp.sum(fn(xs)[0]) + jnp.sum(fn(xs)[1])), xs))]
+    loss = lambda xs: jnp.sum(fn(xs)[0]) + jnp.sum(fn(xs)[1])  # noqa: E731
+    fwd = [c.name for c in triton_calls(lower_for_gpu(fn, xs))]
+    bwd = [c.name for c in triton_calls(lower_for_gpu(jax.grad(loss), xs))]
     assert fwd == ["osdn_preconditioner_fwd"]
     assert "osdn_preconditioner_bwd" in bwd
 

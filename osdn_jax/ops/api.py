@@ -122,20 +122,12 @@ def _choose_impl(impl: str, kernel_gap: str | None, policy: kernel_config.Policy
         return "pallas"
     if impl == "auto":
         target = kernel_config.current_target()
-        policy = policy or kernel_config.Policy("float32", "tf32")
+        operand = "float32" if policy is None else policy.operand
         # IEEE products are for accuracy checks: the exact XLA path serves them better on a GPU.
-        name = "ieee" if policy.fp32 == "ieee" and policy.operand == "float32" else policy.operand
-        verified = not target.interpret and name != "ieee" and (target.arch, name) in PALLAS_VERIFIED_ON_GPU
+        ieee = policy is not None and policy.operand == "float32" and policy.fp32 == "ieee"
+        verified = not target.interpret and not ieee and (target.arch, operand) in PALLAS_VERIFIED_ON_GPU
         return "pallas" if verified and kernel_gap is None else "chunked"
     return impl
-
-
-def _policy(x, precision):
-    """The kernels' precision policy for inputs like ``x`` (validates ``precision``)."""
-    try:
-        return kernel_config.policy_for(x.dtype, precision)
-    except ValueError as e:
-        raise ValueError(f"precision: expected None, 'tf32' or 'ieee', got {precision!r}") from e
 
 
 def _scale(scale, K: int) -> float:
@@ -172,7 +164,7 @@ def delta_rule(q, k, v, beta, *, write_key=None, log_decay=None, scale=None, ini
     """
     B, T, H, K, V = _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size)
     checks.check_optional("write_key", write_key, (B, T, H, K), "[B, T, H, K] like k")
-    policy = _policy(k, precision)
+    policy = kernel_config.policy_for(k.dtype, precision)
     path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size), policy)
     scale = _scale(scale, K)
     kwargs = dict(write_key=write_key, log_decay=log_decay, scale=scale, initial_state=initial_state,
@@ -231,7 +223,7 @@ def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=Fal
     checks.check_optional("log_gamma", log_gamma, (B, T, H), "[B, T, H]")
     checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
     cfg = _precond_config(eta, d_min, d_max, beta_aware)
-    policy = _policy(k, precision)
+    policy = kernel_config.policy_for(k.dtype, precision)
     path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size), policy)
     scale = _scale(scale, K)
     kwargs = dict(precond=cfg, log_gamma=log_gamma, log_decay=log_decay, scale=scale,

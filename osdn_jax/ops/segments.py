@@ -24,15 +24,23 @@ def document_index(segment_ids: jax.Array) -> jax.Array:
     return jnp.cumsum(document_starts(segment_ids).astype(jnp.int32), axis=1)
 
 
-def chunk_documents(segment_ids: jax.Array, C: int) -> tuple[jax.Array, jax.Array]:
+def chunk_document_numbers(segment_ids: jax.Array, C: int) -> tuple[jax.Array, jax.Array]:
     """Per chunk of C tokens (T padded to a multiple of C by repeating the last id):
 
     - ``doc [B, N, C]`` int32, the document index of each token (``document_index``);
-    - ``carry [B, N, C]`` bool, True while a token is still in the document that was open at the end
-      of the previous chunk (chunk 0: the first document), i.e. where the incoming state reaches.
+    - ``rel [B, N, C]`` int32, how many documents started since the chunk began: 0 while a token is
+      still in the document that was open at the end of the previous chunk (chunk 0: the first
+      document), i.e. where the incoming state reaches.
     """
     B, T = segment_ids.shape
     doc = document_index(segment_ids)
     doc = jnp.pad(doc, ((0, 0), (0, (-T) % C)), mode="edge").reshape(B, -1, C)
     before = jnp.concatenate([jnp.zeros_like(doc[:, :1, -1]), doc[:, :-1, -1]], axis=1)  # [B, N]
-    return doc, doc == before[..., None]
+    return doc, doc - before[..., None]
+
+
+def chunk_documents(segment_ids: jax.Array, C: int) -> tuple[jax.Array, jax.Array]:
+    """``doc [B, N, C]`` as in ``chunk_document_numbers`` and ``carry [B, N, C]`` bool, True where
+    the incoming state reaches (no document has started since the chunk began)."""
+    doc, rel = chunk_document_numbers(segment_ids, C)
+    return doc, rel == 0
