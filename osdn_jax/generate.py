@@ -4,7 +4,9 @@ of generated tokens).
 
 Prompts of different lengths are left-padded into one ``[B, P]`` batch; the padding is its own
 document (``segment_ids`` 0, prompt 1), so every state restarts at the first prompt token and the
-padding never reaches the prompt.
+padding never reaches the prompt. Attention models decode with a KV cache of exactly
+``P + max_new_tokens`` slots (at most ``max_seq_len``); their RoPE positions start at the first
+prompt token.
 
 Non-finite logits are not propagated: a row whose logits hold NaN or inf stops there, and
 ``generate`` raises ``FloatingPointError`` naming the rows and the step once the loop is done.
@@ -36,8 +38,9 @@ class Generation:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
 
 
-def _left_pad(prompts, pad_token: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts (a list of token lists, or an int array ``[B, P]``) → ``tokens [B, P]``, ``segment_ids``."""
+def _left_pad(prompts, pad_token: int, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts (a list of token lists, or an int array ``[B, P]``) → ``tokens [B, P]``, ``segment_ids``;
+    ``P`` is the longest prompt, or ``pad_to`` if that is more."""
     if isinstance(prompts, (np.ndarray, jax.Array)):
         if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
             raise ValueError(f"prompts: expected a list of token lists or an integer array [B, P], "
@@ -48,7 +51,7 @@ def _left_pad(prompts, pad_token: int) -> tuple[np.ndarray, np.ndarray]:
     lengths = [len(p) for p in prompts]
     if min(lengths) < 1:
         raise ValueError(f"prompts: every prompt needs at least one token, got lengths {lengths}")
-    P = max(lengths)
+    P = max(max(lengths), pad_to or 0)
     tokens = np.full((len(prompts), P), pad_token, np.int32)
     segment_ids = np.zeros((len(prompts), P), np.int32)
     for i, p in enumerate(prompts):
@@ -77,12 +80,13 @@ def sample_logits(key: jax.Array, logits: jax.Array, temperature: float, top_k: 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "stop_token", "pad_token"))
+                                             "stop_token", "pad_token", "cache_len"))
 def _generate(graphdef, state, tokens, segment_ids, key, *, max_new_tokens, temperature, top_k, top_p,
-              stop_token, pad_token):
+              stop_token, pad_token, cache_len):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.prefill(tokens, segment_ids)
     B = tokens.shape[0]
+    cache = None if cache_len is None else model.init_cache(B, cache_len)  # attention: the KV cache
+    logits, cache = model.prefill(tokens, segment_ids, cache)
     out = jnp.full((B, max_new_tokens), pad_token, jnp.int32)
     done = jnp.zeros((B,), bool)
     bad_step = jnp.full((B,), -1, jnp.int32)  # step at which a row met non-finite logits
@@ -112,10 +116,12 @@ def _generate(graphdef, state, tokens, segment_ids, key, *, max_new_tokens, temp
 
 def generate(model: CausalLM, prompts, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_token: int | None = None, pad_token: int = 0) -> Generation:
+             stop_token: int | None = None, pad_token: int = 0, pad_to: int | None = None) -> Generation:
     """Samples up to ``max_new_tokens`` tokens after each prompt (a list of token lists of any
     lengths, or an int array ``[B, P]``). ``temperature=0`` is greedy. A row ends after
-    ``stop_token``; the loop ends when every row has.
+    ``stop_token``; the loop ends when every row has. ``pad_to`` left-pads the batch to at least
+    that many positions (the result is the same): callers with many prompt lengths round it up to
+    compile fewer shapes.
     """
     cfg = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -129,17 +135,26 @@ def generate(model: CausalLM, prompts, max_new_tokens: int, *, temperature: floa
     for name, tok in (("stop_token", stop_token), ("pad_token", pad_token)):
         if tok is not None and not (isinstance(tok, int) and 0 <= tok < cfg.vocab_size):
             raise ValueError(f"{name}: expected None or a token id in [0, vocab_size={cfg.vocab_size}), got {tok!r}")
-    tokens, segment_ids = _left_pad(prompts, pad_token)
+    if pad_to is not None and not (isinstance(pad_to, int) and pad_to >= 1):
+        raise ValueError(f"pad_to: expected None or an int >= 1, got {pad_to!r}")
+    tokens, segment_ids = _left_pad(prompts, pad_token, pad_to)
     if tokens.shape[1] > cfg.max_seq_len:
         raise ValueError(f"prompts: the longest prompt has {tokens.shape[1]} tokens, more than max_seq_len="
                          f"{cfg.max_seq_len}")
+    cache_len = None  # recurrent mixers: a fixed-size state, no limit on the tokens generated
+    if cfg.kv_cache:  # every decode step (the last one included) writes one KV cache slot
+        cache_len = tokens.shape[1] + max_new_tokens
+        if cache_len > cfg.max_seq_len:
+            raise ValueError(f"max_new_tokens: the longest prompt ({tokens.shape[1]} tokens) plus max_new_tokens="
+                             f"{max_new_tokens} is more than max_seq_len={cfg.max_seq_len}, the most an "
+                             f"attention model's KV cache holds")
     check_tokens("prompts", tokens, cfg.vocab_size, 2, "[B, P]")
     graphdef, state = nnx.split(model)
     out, bad_step = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids),
                               jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
                               temperature=float(temperature), top_k=top_k,
                               top_p=None if top_p is None else float(top_p), stop_token=stop_token,
-                              pad_token=pad_token)
+                              pad_token=pad_token, cache_len=cache_len)
     out, bad_step = np.asarray(out), np.asarray(bad_step)
     if (bad_step >= 0).any():
         rows = np.nonzero(bad_step >= 0)[0].tolist()

@@ -10,6 +10,9 @@ gated RMSNorm with an output gate); o_proj.
 Recurrent use: ``prefill(x, segment_ids, cache)`` returns the output and a ``MixerCache`` (conv
 histories, the fp32 state S and, for OSDN, the preconditioner d); ``step(x [B, hidden], cache)``
 advances one token. Both are exact continuations of the parallel forward.
+
+Softmax attention (``osdn_jax.attention.Attention``, a KV cache instead of a state) has the same
+API and is registered in ``MIXERS`` as ``attention``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from osdn_jax import ops
+from osdn_jax.attention import Attention, AttentionCache, AttentionConfig
+from osdn_jax.kernels.config import PRECISIONS
 from osdn_jax.layers import Dtype, GatedRMSNorm, RMSNorm, ShortConv, dense, param
 from osdn_jax.ops import checks
 from osdn_jax.ops.checks import require
@@ -45,7 +50,8 @@ class DeltaNetConfig:
                  self.conv_size)
         require(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
         require(self.impl in ops.IMPLS, "impl", f"one of {ops.IMPLS}", self.impl)
-        require(self.precision in (None, "tf32", "ieee"), "precision", "None, 'tf32' or 'ieee'", self.precision)
+        require(self.precision is None or self.precision in PRECISIONS, "precision", f"None or one of {PRECISIONS}",
+                self.precision)
         checks.check_chunk_size(self.chunk_size)
 
 
@@ -116,7 +122,7 @@ class OSGatedDeltaNetConfig(GatedDeltaNetConfig, OSDNConfig):
     beta_aware: bool = True
 
 
-MixerConfig = DeltaNetConfig  # every mixer config is a DeltaNetConfig
+MixerConfig = DeltaNetConfig | AttentionConfig  # every mixer config
 
 
 @jax.tree_util.register_dataclass
@@ -139,6 +145,7 @@ class DeltaNet(nnx.Module):
     """
 
     config_class: ClassVar[type] = DeltaNetConfig
+    kv_cache: ClassVar[bool] = False  # a fixed-size recurrent state, whatever the number of tokens
 
     def __init__(self, hidden_size: int, num_heads: int, config: DeltaNetConfig | None = None, *,
                  rngs: nnx.Rngs, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
@@ -211,8 +218,9 @@ class DeltaNet(nnx.Module):
         y, cache = self._forward(x[:, None], None, cache, "reference")
         return y[:, 0], cache
 
-    def init_cache(self, batch_size: int) -> MixerCache:
-        """The cache at a sequence start: zero conv histories and state (d = d0 for OSDN)."""
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> MixerCache:
+        """The cache at a sequence start: zero conv histories and state (d = d0 for OSDN). ``max_len``
+        is ignored (the state's size does not depend on it; attention's KV cache needs it)."""
         W, D, H, K = self.config.conv_size, self.hidden_size, self.num_heads, self.head_dim
         hist = jnp.zeros((batch_size, W - 1, D), self.dtype)
         return MixerCache(conv=(hist, hist, hist), state=jnp.zeros((batch_size, H, K, K), jnp.float32),
@@ -225,11 +233,11 @@ class DeltaNet(nnx.Module):
             checks.fail("x", "a float array [B, T, hidden]", x)
         checks.check_segment_ids(segment_ids, x.shape[0], x.shape[1])
 
-    def _forward(self, x, segment_ids, cache, impl):
-        self._check_input(x, segment_ids)
+    def _inputs(self, x, segment_ids, cache):
+        """The op's inputs from ``x [B, T, hidden]`` (compute dtype): the pre-conv projections, ``q, k,
+        v [B, T, H, K]``, ``beta [B, T, H]`` (fp32) and the gates."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
-        x = x.astype(self.dtype)
         pre = (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [B, T, H·K] before the conv
         convs = (self.q_conv, self.k_conv, self.v_conv)
         hist = (None, None, None) if cache is None else cache.conv
@@ -237,10 +245,38 @@ class DeltaNet(nnx.Module):
                    for conv, p, h in zip(convs, pre, hist))
         q, k = ops.l2_normalize(q), ops.l2_normalize(k)
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
-        o, S, d = self._op(q, k, v, beta, self._gates(x), segment_ids=segment_ids, cache=cache, impl=impl)
+        return pre, q, k, v, beta, self._gates(x)
+
+    def _forward(self, x, segment_ids, cache, impl):
+        self._check_input(x, segment_ids)
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        x = x.astype(self.dtype)
+        pre, q, k, v, beta, gates = self._inputs(x, segment_ids, cache)
+        o, S, d = self._op(q, k, v, beta, gates, segment_ids=segment_ids, cache=cache, impl=impl)
         o = self._normalize_output(o.astype(self.dtype), x).reshape(B, T, H * K)
+        hist = (None, None, None) if cache is None else cache.conv
+        convs = (self.q_conv, self.k_conv, self.v_conv)
         new_hist = tuple(conv.final_history(p, segment_ids, history=h) for conv, p, h in zip(convs, pre, hist))
         return self.o_proj(o), MixerCache(conv=new_hist, state=S, d=d)
+
+    def _write_scale(self, k, beta, gates, segment_ids) -> jax.Array | None:
+        """The per-token write scale ``d [B, T, H, K]`` (fp32); None means d ≡ 1."""
+        return None
+
+    def write_strength(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """``w_t = β_t ⟨d_t, k_t ⊙ k_t⟩`` per token and head, ``[B, T, H]`` fp32, for the mixer input
+        ``x [B, T, hidden]`` (d ≡ 1 for DeltaNet and Gated DeltaNet).
+
+        The write at token t scales the residual of its own key by ``1 − w_t``: ``v_t − S_tᵀk_t =
+        (1 − w_t)(v_t − S'ᵀk_t)`` with S' the state just before the write (after the decay, for gated
+        mixers), so ``(1 − w_t)²`` is the recall residual ratio ``f_t(S_t) / f_t(S')`` (SPEC §6–7).
+        """
+        self._check_input(x, segment_ids)
+        _, _, k, _, beta, gates = self._inputs(x.astype(self.dtype), segment_ids, None)
+        k = k.astype(jnp.float32)
+        d = self._write_scale(k, beta, gates, segment_ids)
+        return beta * jnp.sum(k * k if d is None else d * k * k, axis=-1)
 
 
 class GatedDeltaNet(DeltaNet):
@@ -304,6 +340,14 @@ class _OSDNMixin:
                         initial_d=None if cache is None else cache.d, output_final_state=True,
                         chunk_size=cfg.chunk_size, impl=impl, precision=cfg.precision)
 
+    def _write_scale(self, k, beta, gates, segment_ids) -> jax.Array:
+        cfg = self.config
+        d_min, d_max = cfg.clip_range
+        d, _ = ops.osdn_preconditioner(k, self.d0[...].astype(jnp.float32), eta=cfg.step_size, d_min=d_min,
+                                       d_max=d_max, log_gamma=gates.get("log_gamma"),
+                                       beta=beta if cfg.beta_aware else None, segment_ids=segment_ids)
+        return d
+
     def _initial_d(self, batch_size: int) -> jax.Array:
         d0 = self.d0[...].astype(jnp.float32)
         return jnp.broadcast_to(d0, (batch_size, *d0.shape))
@@ -321,15 +365,17 @@ class OSGatedDeltaNet(_OSDNMixin, GatedDeltaNet):
     config_class: ClassVar[type] = OSGatedDeltaNetConfig
 
 
-MIXERS: dict[str, type[DeltaNet]] = {
+MIXERS: dict[str, type[DeltaNet | Attention]] = {
     "deltanet": DeltaNet,
     "gdn": GatedDeltaNet,
     "osdn": OSDN,
     "os_gdn": OSGatedDeltaNet,
+    "attention": Attention,
 }
+AnyMixerCache = MixerCache | AttentionCache  # one layer's decode cache
 
 
-def mixer_class(config: DeltaNetConfig) -> type[DeltaNet]:
+def mixer_class(config: MixerConfig) -> type[DeltaNet | Attention]:
     """The mixer module built from ``config`` (matched on the config's exact class)."""
     for cls in MIXERS.values():
         if type(config) is cls.config_class:
@@ -338,8 +384,9 @@ def mixer_class(config: DeltaNetConfig) -> type[DeltaNet]:
                      f"got {type(config).__name__}")
 
 
-def mixer_config(name: str, **options) -> DeltaNetConfig:
-    """The config of the mixer called ``name`` (``deltanet``, ``gdn``, ``osdn``, ``os_gdn``)."""
+def mixer_config(name: str, **options) -> MixerConfig:
+    """The config of the mixer called ``name`` (``deltanet``, ``gdn``, ``osdn``, ``os_gdn``,
+    ``attention``)."""
     key = name.replace("-", "_").lower()
     if key not in MIXERS:
         raise ValueError(f"mixer: unknown mixer {name!r}; expected one of {sorted(MIXERS)}")

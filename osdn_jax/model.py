@@ -14,8 +14,8 @@ import numpy as np
 from flax import nnx
 
 from osdn_jax.layers import RMSNorm, SwiGLU, annotated, dense, mlp_width
-from osdn_jax.mixers import (MIXERS, DeltaNetConfig, GatedDeltaNetConfig, MixerCache, OSDNConfig,
-                             OSGatedDeltaNetConfig, mixer_class, mixer_config)
+from osdn_jax.mixers import (MIXERS, AnyMixerCache, AttentionConfig, DeltaNetConfig, GatedDeltaNetConfig,
+                             MixerConfig, OSDNConfig, OSGatedDeltaNetConfig, mixer_class, mixer_config)
 from osdn_jax.ops.checks import require
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -29,9 +29,10 @@ class ModelConfig:
     hidden_size: int = 1024
     num_layers: int = 24
     num_heads: int = 8
-    mixer: DeltaNetConfig = OSDNConfig()
+    mixer: MixerConfig = OSDNConfig()
     mlp_ratio: float = 4.0  # SwiGLU width: 256 · ceil(int(hidden · ratio · 2/3) / 256)
     intermediate_size: int | None = None  # overrides the width rule
+    use_mlp: bool = True  # False: blocks are norm → mixer → residual only (Zoology's MQAR models)
     norm_eps: float = 1e-6
     init_range: float = 0.02  # std of the N(0, σ) init of linear and embedding weights
     param_dtype: str = "float32"
@@ -45,7 +46,7 @@ class ModelConfig:
             require(isinstance(v, int) and v >= 1, field, "an int >= 1", v)
         require(self.hidden_size % self.num_heads == 0, "hidden_size",
                  f"a multiple of num_heads={self.num_heads}", self.hidden_size)
-        require(isinstance(self.mixer, DeltaNetConfig), "mixer", "a mixer config (e.g. OSDNConfig())",
+        require(isinstance(self.mixer, MixerConfig), "mixer", "a mixer config (e.g. OSDNConfig())",
                  self.mixer)
         mixer_class(self.mixer)
         require(self.param_dtype in DTYPES, "param_dtype", f"one of {sorted(DTYPES)}", self.param_dtype)
@@ -56,6 +57,12 @@ class ModelConfig:
     @property
     def mixer_name(self) -> str:
         return self.mixer.name
+
+    @property
+    def kv_cache(self) -> bool:
+        """Whether decoding keeps every token (attention's KV cache, at most ``max_seq_len``) rather
+        than a fixed-size recurrent state."""
+        return mixer_class(self.mixer).kv_cache
 
     @property
     def head_dim(self) -> int:
@@ -71,7 +78,7 @@ _SIZES = {
     "1.3b": dict(hidden_size=2048, num_layers=24, num_heads=16),
 }
 _MIXER_PREFIX = {"deltanet": DeltaNetConfig, "gdn": GatedDeltaNetConfig, "osdn": OSDNConfig,
-                 "os-gdn": OSGatedDeltaNetConfig}
+                 "os-gdn": OSGatedDeltaNetConfig, "attention": AttentionConfig}
 
 PRESETS: dict[str, ModelConfig] = {
     # Runs in seconds on a CPU; vocab fits the byte-level tokenizer (256 bytes + specials).
@@ -82,14 +89,19 @@ PRESETS: dict[str, ModelConfig] = {
                          max_seq_len=2048),
     **{f"{prefix}-{size}": ModelConfig(mixer=cls(), **dims) for prefix, cls in _MIXER_PREFIX.items()
        for size, dims in _SIZES.items()},
+    # The paper's OSDN runs (SPEC §3, §5): the 'apr' preset; the 340M run without APF clipped d to
+    # [0, 2], the APF runs and the 1.3B run to [0, 1e9].
+    "osdn-340m": ModelConfig(mixer=OSDNConfig(preset="apr", d_max=2.0), **_SIZES["340m"]),
+    **{f"osdn-apf-{size}": ModelConfig(mixer=OSDNConfig(preset="apr", apf=True), **dims)
+       for size, dims in _SIZES.items()},
 }
 
 
-def model_config(name: str, *, mixer: str | DeltaNetConfig | None = None, **overrides) -> ModelConfig:
+def model_config(name: str, *, mixer: str | MixerConfig | None = None, **overrides) -> ModelConfig:
     """The preset ``name`` (``tiny``, ``osdn-340m``, ``deltanet-1.3b``, ...) with ``overrides``.
 
-    ``mixer`` replaces the preset's mixer: a name (``deltanet``, ``gdn``, ``osdn``, ``os_gdn``) for its
-    default config, or a config. Unknown preset or field names raise a ``ValueError``.
+    ``mixer`` replaces the preset's mixer: a name (``deltanet``, ``gdn``, ``osdn``, ``os_gdn``,
+    ``attention``) for its default config, or a config. Unknown preset or field names raise a ``ValueError``.
     """
     if name not in PRESETS:
         raise ValueError(f"preset: unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
@@ -105,23 +117,26 @@ def model_config(name: str, *, mixer: str | DeltaNetConfig | None = None, **over
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ModelCache:
-    """Decoding state of the whole model: one ``MixerCache`` per layer. Its size does not grow with
-    the number of tokens decoded."""
+    """Decoding state of the whole model: one ``MixerCache`` (recurrent mixers) or
+    ``AttentionCache`` (attention, a KV cache allocated for ``max_len`` tokens) per layer. Its size
+    does not grow with the number of tokens decoded."""
 
-    layers: tuple[MixerCache, ...]
+    layers: tuple[AnyMixerCache, ...]
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))`` (unless
+    ``config.use_mlp`` is False)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         dtype, pdtype = DTYPES[config.compute_dtype], DTYPES[config.param_dtype]
         self.mixer_norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
         self.mixer = mixer_class(config.mixer)(config.hidden_size, config.num_heads, config.mixer, rngs=rngs,
                                                dtype=dtype, param_dtype=pdtype, init_range=config.init_range)
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
-        self.mlp = SwiGLU(config.hidden_size, config.mlp_width, rngs=rngs, init_range=config.init_range,
-                          dtype=dtype, param_dtype=pdtype)
+        if config.use_mlp:
+            self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
+            self.mlp = SwiGLU(config.hidden_size, config.mlp_width, rngs=rngs, init_range=config.init_range,
+                              dtype=dtype, param_dtype=pdtype)
 
     def __call__(self, x, segment_ids=None, cache=None, mode="forward"):
         h = self.mixer_norm(x)
@@ -132,7 +147,9 @@ class Block(nnx.Module):
         else:
             h, new_cache = self.mixer.step(h, cache)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), new_cache
+        if hasattr(self, "mlp"):
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, new_cache
 
 
 def check_tokens(name: str, tokens, vocab_size: int, rank: int, layout: str) -> None:
@@ -164,7 +181,7 @@ class CausalLM(nnx.Module):
         self.lm_head = dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs,
                              init_range=config.init_range, dtype=dtype, param_dtype=pdtype)
 
-    def _run(self, tokens, segment_ids, caches, mode):
+    def _run(self, tokens, segment_ids, caches, mode, head=True):
         x = self.embed(tokens)
         new = []
         for i, block in enumerate(self.blocks):
@@ -174,7 +191,8 @@ class CausalLM(nnx.Module):
             else:
                 x, c = block(x, segment_ids, cache, mode)
             new.append(c)
-        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        x = self.norm(x)
+        logits = self.lm_head(x).astype(jnp.float32) if head else x
         return logits, (None if mode == "forward" else ModelCache(tuple(new)))
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -183,23 +201,34 @@ class CausalLM(nnx.Module):
         check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
         return self._run(tokens, segment_ids, None, "forward")[0]
 
+    def features(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """The final-normed hidden states ``[B, T, hidden]`` (compute dtype) that the LM head reads:
+        ``model(tokens) == model.lm_head(model.features(tokens))``. Lets a loss that scores a few
+        positions gather them before the vocabulary-sized head."""
+        check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
+        return self._run(tokens, segment_ids, None, "forward", head=False)[0]
+
     def init_cache(self, batch_size: int, max_len: int | None = None) -> ModelCache:
-        """The empty decoding cache for ``batch_size`` rows. Its memory is fixed (recurrent state);
-        ``max_len`` is accepted for API symmetry and only checked against ``config.max_seq_len``."""
+        """The empty decoding cache for ``batch_size`` rows and up to ``max_len`` tokens (prompt and
+        generated; default ``config.max_seq_len``, at most that). Attention layers allocate a KV cache
+        ``[B, max_len, H, K]``; recurrent layers ignore ``max_len`` (their state has a fixed size)."""
         require(isinstance(batch_size, int) and batch_size >= 1, "batch_size", "an int >= 1", batch_size)
-        if max_len is not None:
-            require(1 <= max_len <= self.config.max_seq_len, "max_len",
-                     f"1 <= max_len <= max_seq_len={self.config.max_seq_len}", max_len)
-        return ModelCache(tuple(b.mixer.init_cache(batch_size) for b in self.blocks))
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        require(isinstance(max_len, int) and 1 <= max_len <= self.config.max_seq_len, "max_len",
+                 f"1 <= max_len <= max_seq_len={self.config.max_seq_len}", max_len)
+        return ModelCache(tuple(b.mixer.init_cache(batch_size, max_len) for b in self.blocks))
 
     def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                 cache: ModelCache | None = None) -> tuple[jax.Array, ModelCache]:
         """Parallel (chunked / kernel) pass over a prompt ``tokens [B, T]``: ``(logits [B, T, vocab],
-        cache)`` with the final S, d and conv states. Continues from ``cache`` when given."""
+        cache)`` with the final S, d and conv states (attention: the KV cache). Continues from ``cache``
+        when given; without one, attention layers start from ``init_cache(B)`` (``max_seq_len`` slots)."""
         check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"tokens: the prompt has {tokens.shape[1]} tokens, more than max_seq_len="
                              f"{self.config.max_seq_len}")
+        if cache is None and self.config.kv_cache:
+            cache = self.init_cache(tokens.shape[0])
         return self._run(tokens, segment_ids, cache, "prefill")
 
     def decode_step(self, token: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:

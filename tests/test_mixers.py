@@ -10,8 +10,8 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from osdn_jax import (OSDN, DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig, OSDNConfig,
-                      OSGatedDeltaNet, OSGatedDeltaNetConfig)
+from osdn_jax import (OSDN, Attention, AttentionConfig, DeltaNet, DeltaNetConfig, GatedDeltaNet,
+                      GatedDeltaNetConfig, OSDNConfig, OSGatedDeltaNet, OSGatedDeltaNetConfig)
 
 HIDDEN, HEADS = 64, 2
 MIXERS = {
@@ -20,6 +20,7 @@ MIXERS = {
     "osdn": (OSDN, OSDNConfig()),
     "osdn_apf_may": (OSDN, OSDNConfig(preset="may", apf=True, beta_aware=True)),
     "os_gdn": (OSGatedDeltaNet, OSGatedDeltaNetConfig(apf=True)),
+    "attention": (Attention, AttentionConfig(conv_size=4)),  # the softmax baseline (tests/test_attention.py)
 }
 
 

@@ -18,6 +18,7 @@ MIXER_CASES = {
     "osdn": OSDNConfig(),
     "osdn_apf_may": OSDNConfig(preset="may", apf=True),
     "os_gdn": OSGatedDeltaNetConfig(apf=True),
+    "attention": mixer_config("attention"),  # a KV cache of max_seq_len slots
 }
 LOGICAL_AXES = {None, "embed", "heads", "mlp", "vocab"}
 
@@ -41,6 +42,26 @@ def test_every_preset_builds_abstractly():
     assert counts["gdn-340m"] > counts["osdn-340m"] > counts["deltanet-340m"]
     assert counts["osdn-340m"] - counts["deltanet-340m"] == 24 * 8 * 128  # only d0 [H, K] per layer
     assert counts["tiny"] < 1e6
+
+
+def test_paper_presets_carry_the_paper_clip_and_apf():
+    assert model_config("osdn-340m").mixer.clip_range == (0.0, 2.0)  # the 340M run without APF
+    assert not model_config("osdn-340m").mixer.apf
+    for name in ("osdn-1.3b", "osdn-apf-340m", "osdn-apf-1.3b"):
+        mixer = model_config(name).mixer
+        assert mixer.clip_range == (0.0, 1e9) and mixer.step_size == 1.0 and mixer.initial_d == 0.0
+        assert mixer.apf == ("apf" in name)
+
+
+def test_features_feed_the_head_and_use_mlp_false_drops_the_mlp():
+    model = _tiny("osdn")
+    tokens = _tokens(2, 16)
+    np.testing.assert_allclose(model.lm_head(model.features(tokens)), model(tokens), rtol=1e-6, atol=1e-6)
+    bare = _tiny("deltanet", use_mlp=False)
+    assert not hasattr(bare.blocks[0], "mlp")
+    assert count_params(model_config("tiny", mixer="deltanet", use_mlp=False)) < count_params(
+        model_config("tiny", mixer="deltanet"))
+    assert bare(tokens).shape == (2, 16, 512)
 
 
 @pytest.mark.parametrize("name", sorted(MIXER_CASES))

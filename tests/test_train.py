@@ -101,6 +101,26 @@ def test_config_file_then_command_line(tmp_path):
     assert (model.vocab_size, model.hidden_size, model.mixer_name) == (300, 512, "gdn")
 
 
+def test_paper_recipes_carry_the_paper_settings():
+    from osdn_jax.train.recipes import RECIPES
+
+    assert sorted(RECIPES) == sorted(f"{m}-{s}" for m in ("osdn", "osdn-apf", "deltanet", "gdn")
+                                     for s in ("340m", "1.3b"))
+    cfg = parse_args(["--recipe", "osdn-340m", "--steps", "5"])
+    assert cfg.steps == 5 and cfg.model.preset == "osdn-340m" and cfg.seed == 42
+    o = cfg.optim
+    assert (o.lr, o.warmup_steps, o.min_lr_ratio, o.grad_clip, o.weight_decay) == (1e-3, 1024, 0.1, 1.0, 0.1)
+    assert (cfg.model.compute_dtype, cfg.data.seq_len) == ("bfloat16", 4096)
+    big = parse_args(["--recipe=gdn-1.3b"])
+    assert big.optim.warmup_steps == 2048 and big.steps * big.data.batch_size * 4096 <= 100e9
+    model = big.model.build(vocab_size=32000, max_seq_len=4096)
+    assert (model.hidden_size, model.num_layers, model.mixer_name) == (2048, 24, "gdn")
+    with pytest.raises(ValueError, match="--recipe"):
+        parse_args(["--recipe", "osdn-7b"])
+    with pytest.raises(ValueError, match="--config, --recipe"):
+        parse_args(["--recipe", "osdn-340m", "--config", "x.json"])
+
+
 # -- optimizer and step ------------------------------------------------------------------------
 
 def test_weight_decay_mask_and_schedule():

@@ -26,11 +26,11 @@ class ModelSettings:
     """
 
     preset: str = "tiny"
-    mixer: str | None = None  # deltanet | gdn | osdn | os_gdn (its default config)
+    mixer: str | None = None  # deltanet | gdn | osdn | os_gdn | attention (its default config)
     osdn_preset: str | None = None  # OSDN mixers: apr | may
     apf: bool | None = None  # OSDN mixers: the forgetting gate
     beta_aware: bool | None = None  # OSDN mixers: the β-aware hypergradient
-    impl: str | None = None  # ops path: auto | reference | chunked | pallas
+    impl: str | None = None  # delta-rule mixers' ops path: auto | reference | chunked | pallas
     chunk_size: int | None = None
     precision: str | None = None  # Pallas kernels' multiply policy: tf32 | ieee (None: by compute dtype)
     hidden_size: int | None = None
@@ -49,6 +49,10 @@ class ModelSettings:
         if osdn_only and not hasattr(cfg.mixer, "preset"):
             names = sorted("osdn_preset" if k == "preset" else k for k in osdn_only)
             raise ValueError(f"model: {names} only apply to OSDN mixers, not {cfg.mixer.name!r}")
+        delta_only = {"impl", "chunk_size", "precision"} & set(mixer_changes)
+        if delta_only and not hasattr(cfg.mixer, "impl"):
+            raise ValueError(f"model: {sorted(delta_only)} only apply to the delta-rule mixers (deltanet, gdn, "
+                             f"osdn, os_gdn), not {cfg.mixer.name!r}")
         mixer = dataclasses.replace(cfg.mixer, **mixer_changes)
         overrides = {k: getattr(self, k) for k in ("hidden_size", "num_layers", "num_heads", "compute_dtype",
                                                    "remat") if getattr(self, k) is not None}
@@ -219,20 +223,38 @@ def load_config_file(path: str | Path) -> TrainConfig:
     return _from_dict(TrainConfig, values, "")
 
 
+def _take_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """``(value of --name, argv without it)``; ``--name value`` or ``--name=value``."""
+    for i, arg in enumerate(argv):
+        if arg == name or arg.startswith(name + "="):
+            if "=" in arg:
+                return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+            if i + 1 >= len(argv):
+                raise ValueError(f"{name}: expected a value")
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+    return None, argv
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """``--config FILE`` (optional, JSON) then command-line overrides such as ``--steps 100
+    """``--config FILE`` (optional, JSON) or ``--recipe NAME`` (a paper run), then command-line
+    overrides such as ``--steps 100
     --model.preset small --data.source text --data.path corpus/``."""
     import tyro
 
+    from osdn_jax.train.recipes import RECIPES, get_recipe
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    config_file, argv = _take_option(argv, "--config")
+    recipe, argv = _take_option(argv, "--recipe")
+    if config_file is not None and recipe is not None:
+        raise ValueError("--config, --recipe: give one of them (the other fields are flags)")
     default = TrainConfig()
-    for i, arg in enumerate(argv):
-        if arg == "--config" or arg.startswith("--config="):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            default = load_config_file(value)
-            del argv[i:i + (1 if "=" in arg else 2)]
-            break
-    description = (TrainConfig.__doc__ or "") + "\n\n--config FILE: a JSON file with any subset of the fields."
+    if config_file is not None:
+        default = load_config_file(config_file)
+    elif recipe is not None:
+        default = get_recipe(recipe)
+    description = ((TrainConfig.__doc__ or "") + "\n\n--config FILE: a JSON file with any subset of the fields."
+                   f"\n--recipe NAME: a paper run ({', '.join(RECIPES)}); flags override its fields.")
     return tyro.cli(TrainConfig, args=argv, default=default, description=description,
                     config=(tyro.conf.FlagConversionOff,))
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -390,15 +390,28 @@ def make_eval_batches(
     """
     if num_batches is not None and num_batches < 0:
         raise ValueError(f"num_batches must be >= 0 or None, got {num_batches}")
-    pieces = _pieces(cfg, tokenizer, _split_shard(cfg, tokenizer, "eval", process_index, process_count))
     batches = []
-    for batch in _packed_batches(cfg, grain.MapDataset.source(pieces), drop_remainder=False):
+    for batch in iter_document_batches(cfg, tokenizer, _split_shard(cfg, tokenizer, "eval", process_index,
+                                                                    process_count)):
         if num_batches is not None and len(batches) == num_batches:
             break
-        batches.append(_pad_rows(cfg, batch))
+        batches.append(batch)
     if num_batches is not None:
         batches += [_padding_batch(cfg) for _ in range(num_batches - len(batches))]
     return batches
+
+
+def iter_document_batches(
+    cfg: DataConfig, tokenizer: Tokenizer, doc_ids: np.ndarray | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over documents ``doc_ids`` (default: every document of the source, no split), in
+    order, packed like the held-out batches; the last batch is padded to ``batch_size`` rows.
+    Batches are built lazily, so a large corpus is never held as batches in memory."""
+    if doc_ids is None:
+        doc_ids = np.arange(len(load_documents(cfg, tokenizer)), dtype=np.int64)
+    pieces = _pieces(cfg, tokenizer, np.asarray(doc_ids, dtype=np.int64))
+    for batch in _packed_batches(cfg, grain.MapDataset.source(pieces), drop_remainder=False):
+        yield _pad_rows(cfg, batch)
 
 
 def pretokenize(cfg: DataConfig, tokenizer: Tokenizer, out_path: str | Path) -> DataConfig:

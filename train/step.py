@@ -8,13 +8,17 @@ import optax
 from flax import nnx
 
 
-def loss_sums(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy over ``loss_mask`` and the number of counted targets."""
+def token_losses(graphdef, params, batch) -> jax.Array:
+    """``[B, T]`` next-token cross-entropy, 0 wherever ``loss_mask`` is 0."""
     model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"], batch["segment_ids"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
+    return ce * batch["loss_mask"].astype(jnp.float32)
+
+
+def loss_sums(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy over ``loss_mask`` and the number of counted targets."""
+    return jnp.sum(token_losses(graphdef, params, batch)), jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
 
 def _select(ok, new, old):

@@ -1,0 +1,86 @@
+"""MQAR: the generator's layout and errors, and the grid's outputs and resume (tiny sizes)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from osdn_jax.train import mqar
+from osdn_jax.train.mqar import IGNORE, Budget, GridConfig, make_mqar, query_positions
+
+
+def test_layout_keys_values_and_queries():
+    n, L, N, V = 64, 128, 8, 256
+    inputs, targets = make_mqar(n, L, N, vocab_size=V, seed=3)
+    assert inputs.shape == targets.shape == (n, L) and inputs.dtype == targets.dtype == np.int32
+    keys, values = inputs[:, 0:2 * N:2], inputs[:, 1:2 * N:2]
+    assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
+    assert all(len(set(row)) == N for row in keys)  # distinct keys per example
+    pos = query_positions(targets)
+    assert pos.shape == (n, N) and (pos >= 2 * N).all() and ((pos - 2 * N) % 2 == 0).all()
+    rows = np.arange(n)[:, None]
+    for i in range(n):  # each key is queried exactly once and its target is its value
+        asked = inputs[i, pos[i]]
+        assert sorted(asked) == sorted(keys[i])
+        lookup = dict(zip(keys[i], values[i]))
+        assert [lookup[k] for k in asked] == targets[i, pos[i]].tolist()
+    assert (targets[rows, pos] >= V // 2).all()
+    assert (targets != IGNORE).sum() == n * N
+    assert ((inputs >= 0) & (inputs < V)).all()
+
+
+def test_same_seed_same_data_and_power_law_gaps():
+    a = make_mqar(256, 256, 16, seed=7)
+    b = make_mqar(256, 256, 16, seed=7)
+    c = make_mqar(256, 256, 16, seed=8)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert not (a[0] == c[0]).all()
+    gaps = (query_positions(a[1]) - 32) // 2  # slots 0 .. 111
+    assert np.median(gaps) < 112 / 2 - 10  # short gaps are more likely than under a uniform draw
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(num_examples=4, seq_len=60, num_pairs=16), "num_pairs, seq_len"),
+    (dict(num_examples=4, seq_len=64, num_pairs=16, vocab_size=32), "vocab_size"),
+    (dict(num_examples=0, seq_len=64, num_pairs=4), "num_examples"),
+])
+def test_bad_settings_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_mqar(**kwargs)
+
+
+TINY = Budget(vocab_size=64, train_tokens=64 * 32, test_examples=32, epochs=1, batch_size=32, head_dim=16)
+
+
+def test_grid_writes_results_table_plot_and_resumes(tmp_path, capsys):
+    cfg = GridConfig(out_dir=str(tmp_path), mixers=("osdn", "attention"), widths=(32,), settings=("32:4",),
+                     lrs=(1e-2,), budget=TINY, progress=False)
+    rows = mqar.run_grid(cfg)
+    assert [(r["mixer"], r["width"], r["seq_len"], r["num_pairs"]) for r in rows] == [
+        ("osdn", 32, 32, 4), ("attention", 32, 32, 4)]
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 2
+    assert 0.0 < rows[0]["residual_ratio"] <= 1.0 and "residual_ratio" not in rows[1]
+    assert (tmp_path / "mqar.png").stat().st_size > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| osdn | 32 |" in table and "| attention | 32 |" in table
+    # Resume: a torn last line is redone, finished runs are not; a new lr adds only its runs.
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text(lines[0] + "\n" + lines[1][:20])
+    capsys.readouterr()
+    mqar.run_grid(cfg)
+    assert "1 of 2 runs already" in capsys.readouterr().out
+    wider = GridConfig(**{**cfg.__dict__, "lrs": (1e-2, 3e-2)})
+    rows = mqar.run_grid(wider)
+    assert "2 of 4 runs already" in capsys.readouterr().out
+    assert len(rows) == 4
+    assert len(mqar.best_per_cell(rows)) == 2
+    stored = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines() if x.endswith("}")]
+    assert len(stored) == 4
+
+
+def test_grid_config_errors():
+    with pytest.raises(ValueError, match="mixers"):
+        GridConfig(mixers=("mamba",))
+    with pytest.raises(ValueError, match="settings"):
+        GridConfig(settings=("256-16",))
