@@ -170,14 +170,10 @@ class Attention(nnx.Module):
     # -- internals -------------------------------------------------------------------------------
 
     def _check_input(self, x, segment_ids, cache):
-        if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != self.hidden_size:
-            checks.fail("x", f"an array [B, T, hidden={self.hidden_size}]", x)
-        if jnp.dtype(x.dtype) not in checks.FLOAT_DTYPES:
-            checks.fail("x", "a float array [B, T, hidden]", x)
+        checks.check_mixer_input(x, self.hidden_size, segment_ids)
         B, T, _ = x.shape
         if T < 1:
             checks.fail("x", "at least one token, [B, T >= 1, hidden]", x)
-        checks.check_segment_ids(segment_ids, B, T)
         if cache is None:
             return
         if not isinstance(cache, AttentionCache):

@@ -226,13 +226,6 @@ class DeltaNet(nnx.Module):
         return MixerCache(conv=(hist, hist, hist), state=jnp.zeros((batch_size, H, K, K), jnp.float32),
                           d=self._initial_d(batch_size))
 
-    def _check_input(self, x, segment_ids):
-        if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != self.hidden_size:
-            checks.fail("x", f"an array [B, T, hidden={self.hidden_size}]", x)
-        if jnp.dtype(x.dtype) not in checks.FLOAT_DTYPES:
-            checks.fail("x", "a float array [B, T, hidden]", x)
-        checks.check_segment_ids(segment_ids, x.shape[0], x.shape[1])
-
     def _inputs(self, x, segment_ids, cache):
         """The op's inputs from ``x [B, T, hidden]`` (compute dtype): the pre-conv projections, ``q, k,
         v [B, T, H, K]``, ``beta [B, T, H]`` (fp32) and the gates."""
@@ -248,7 +241,7 @@ class DeltaNet(nnx.Module):
         return pre, q, k, v, beta, self._gates(x)
 
     def _forward(self, x, segment_ids, cache, impl):
-        self._check_input(x, segment_ids)
+        checks.check_mixer_input(x, self.hidden_size, segment_ids)
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         x = x.astype(self.dtype)
@@ -272,7 +265,7 @@ class DeltaNet(nnx.Module):
         (1 − w_t)(v_t − S'ᵀk_t)`` with S' the state just before the write (after the decay, for gated
         mixers), so ``(1 − w_t)²`` is the recall residual ratio ``f_t(S_t) / f_t(S')`` (SPEC §6–7).
         """
-        self._check_input(x, segment_ids)
+        checks.check_mixer_input(x, self.hidden_size, segment_ids)
         _, _, k, _, beta, gates = self._inputs(x.astype(self.dtype), segment_ids, None)
         k = k.astype(jnp.float32)
         d = self._write_scale(k, beta, gates, segment_ids)

@@ -84,6 +84,15 @@ def check_segment_ids(segment_ids: Any, B: int, T: int) -> None:
         fail("segment_ids", f"an integer array [B, T] = {_shape_str((B, T))}", segment_ids)
 
 
+def check_mixer_input(x: Any, hidden_size: int, segment_ids: Any) -> None:
+    """A mixer's input: a float array ``x [B, T, hidden]`` and optional ``segment_ids [B, T]``."""
+    if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != hidden_size:
+        fail("x", f"an array [B, T, hidden={hidden_size}]", x)
+    if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+        fail("x", "a float array [B, T, hidden]", x)
+    check_segment_ids(segment_ids, x.shape[0], x.shape[1])
+
+
 def check_chunk_size(chunk_size: Any) -> None:
     ok = isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool)
     if not ok or chunk_size < 1 or chunk_size & (chunk_size - 1):
