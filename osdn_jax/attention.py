@@ -4,8 +4,10 @@
 (``__call__(x, segment_ids)``, ``prefill``, ``step``, ``init_cache``) and registers as
 ``"attention"`` in ``osdn_jax.mixers.MIXERS``.
 
-Path: q, k, v = Linear(hidden, H·K) (no bias) → optional causal depthwise short conv + SiLU
-(``conv_size > 0``, as in the delta-rule mixers) → RoPE on q and k → causal multi-head attention
+Path: q = Linear(hidden, H·K), k, v = Linear(hidden, H_kv·K) (bias with ``qkv_bias``; H_kv < H
+is grouped-query attention, each key/value head serving H / H_kv query heads) → optional causal
+depthwise short conv + SiLU (``conv_size > 0``, as in the delta-rule mixers) → RoPE on q and k →
+causal multi-head attention
 (``jax.nn.dot_product_attention``, scale 1/sqrt(K), fp32 softmax) → o_proj. With ``segment_ids``
 a token attends only to earlier tokens of its own document, and its RoPE position is its position
 inside that document.
@@ -38,6 +40,9 @@ class AttentionConfig:
     """Options of the attention mixer (sizes come from the model: hidden size and heads)."""
 
     name: ClassVar[str] = "attention"
+    num_heads: int | None = None  # query heads; None: the model's num_heads (head dim hidden / heads)
+    num_kv_heads: int | None = None  # key/value heads (a divisor of the query heads); None: as many
+    qkv_bias: bool = False
     rope_theta: float = 10000.0
     conv_size: int = 0  # 0: no short conv; W > 0: causal depthwise conv (kernel W) + SiLU on q, k, v
     # jax.nn.dot_product_attention's backend: None (cuDNN flash attention where available: a GPU,
@@ -45,6 +50,10 @@ class AttentionConfig:
     implementation: str | None = None
 
     def __post_init__(self):
+        for field in ("num_heads", "num_kv_heads"):
+            v = getattr(self, field)
+            require(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), field,
+                    "None or an int >= 1", v)
         require(self.rope_theta > 0, "rope_theta", "> 0", self.rope_theta)
         require(isinstance(self.conv_size, int) and not isinstance(self.conv_size, bool) and self.conv_size >= 0,
                 "conv_size", "an int >= 0 (0: no short conv)", self.conv_size)
@@ -57,7 +66,7 @@ class AttentionConfig:
 class AttentionCache:
     """Decode state of one attention mixer.
 
-    ``keys`` (RoPE applied) and ``values [B, L, H, K]`` in the compute dtype; ``length []`` int32,
+    ``keys`` (RoPE applied) and ``values [B, L, H_kv, K]`` in the compute dtype; ``length []`` int32,
     the slots filled (every row advances together); ``start [B]`` int32, the slot where each row's
     current document began (the next token's RoPE position is ``length - start``); ``conv``, the
     short-conv histories ``(q, k, v) [B, W-1, H·K]`` when ``conv_size > 0``, else None.
@@ -98,7 +107,8 @@ def attend(q, k, v, *, mask=None, is_causal=False, scale: float, implementation:
 
 
 class Attention(nnx.Module):
-    """Causal multi-head softmax attention with RoPE; head dim ``hidden_size // num_heads`` (even).
+    """Causal multi-head softmax attention with RoPE; head dim ``hidden_size // num_heads`` (even);
+    ``config.num_heads`` (when set) replaces the ``num_heads`` argument.
 
     ``dtype`` is the compute dtype (also the KV cache's), ``param_dtype`` the parameters' (fp32 by
     default); linear weights are N(0, ``init_range``).
@@ -112,23 +122,26 @@ class Attention(nnx.Module):
                  init_range: float = 0.02):
         config = AttentionConfig() if config is None else config
         require(isinstance(config, AttentionConfig), "config", "an AttentionConfig", type(config).__name__)
+        num_heads = config.num_heads or num_heads
         require(isinstance(num_heads, int) and num_heads >= 1, "num_heads", "an int >= 1", num_heads)
+        num_kv_heads = config.num_kv_heads or num_heads
+        require(num_heads % num_kv_heads == 0, "num_kv_heads", f"a divisor of num_heads={num_heads}", num_kv_heads)
         require(isinstance(hidden_size, int) and hidden_size >= 1 and hidden_size % (2 * num_heads) == 0,
                 "hidden_size", f"a positive multiple of 2 * num_heads={2 * num_heads} (RoPE needs an even "
                 "head dim)", hidden_size)
         self.config = config
-        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.dtype = dtype
         kw = {"rngs": rngs, "init_range": init_range, "dtype": dtype, "param_dtype": param_dtype}
-        D = hidden_size
-        self.q_proj = dense(hidden_size, D, ("embed", "heads"), **kw)
-        self.k_proj = dense(hidden_size, D, ("embed", "heads"), **kw)
-        self.v_proj = dense(hidden_size, D, ("embed", "heads"), **kw)
+        D, Dkv = hidden_size, num_kv_heads * self.head_dim
+        self.q_proj = dense(hidden_size, D, ("embed", "heads"), use_bias=config.qkv_bias, **kw)
+        self.k_proj = dense(hidden_size, Dkv, ("embed", "heads"), use_bias=config.qkv_bias, **kw)
+        self.v_proj = dense(hidden_size, Dkv, ("embed", "heads"), use_bias=config.qkv_bias, **kw)
         if config.conv_size:
             self.q_conv = ShortConv(D, config.conv_size, rngs=rngs, param_dtype=param_dtype)
-            self.k_conv = ShortConv(D, config.conv_size, rngs=rngs, param_dtype=param_dtype)
-            self.v_conv = ShortConv(D, config.conv_size, rngs=rngs, param_dtype=param_dtype)
+            self.k_conv = ShortConv(Dkv, config.conv_size, rngs=rngs, param_dtype=param_dtype)
+            self.v_conv = ShortConv(Dkv, config.conv_size, rngs=rngs, param_dtype=param_dtype)
         self.o_proj = dense(D, hidden_size, ("heads", "embed"), **kw)
 
     # -- public API ------------------------------------------------------------------------------
@@ -158,12 +171,13 @@ class Attention(nnx.Module):
         """The empty cache for ``batch_size`` rows holding up to ``max_len`` tokens (required)."""
         require(isinstance(max_len, int) and max_len >= 1, "max_len",
                 "an int >= 1 (the attention KV cache holds max_len tokens)", max_len)
-        B, H, K, W = batch_size, self.num_heads, self.head_dim, self.config.conv_size
-        kv = jnp.zeros((B, max_len, H, K), self.dtype)
+        B, Hkv, K, W = batch_size, self.num_kv_heads, self.head_dim, self.config.conv_size
+        kv = jnp.zeros((B, max_len, Hkv, K), self.dtype)
         conv = None
         if W:
             hist = jnp.zeros((B, W - 1, self.hidden_size), self.dtype)
-            conv = (hist, hist, hist)
+            hist_kv = jnp.zeros((B, W - 1, Hkv * K), self.dtype)
+            conv = (hist, hist_kv, hist_kv)
         return AttentionCache(keys=kv, values=kv, length=jnp.zeros((), jnp.int32),
                               start=jnp.zeros((B,), jnp.int32), conv=conv)
 
@@ -178,8 +192,8 @@ class Attention(nnx.Module):
             return
         if not isinstance(cache, AttentionCache):
             checks.fail("cache", "an AttentionCache (from init_cache or prefill)", cache)
-        shape = (B, cache.keys.shape[1], self.num_heads, self.head_dim)
-        checks.check_float("cache.keys", cache.keys, shape, "[B, L, H, K]")
+        shape = (B, cache.keys.shape[1], self.num_kv_heads, self.head_dim)
+        checks.check_float("cache.keys", cache.keys, shape, "[B, L, H_kv, K]")
         if (cache.conv is None) != (self.config.conv_size == 0):
             raise ValueError(f"cache.conv: expected {'None' if self.config.conv_size == 0 else 'conv histories'} "
                              f"for conv_size={self.config.conv_size} (a cache from this mixer's init_cache)")
@@ -193,16 +207,16 @@ class Attention(nnx.Module):
     def _forward(self, x, segment_ids, cache):
         self._check_input(x, segment_ids, cache)
         B, T, _ = x.shape
-        H, K = self.num_heads, self.head_dim
+        H, Hkv, K = self.num_heads, self.num_kv_heads, self.head_dim
         x = x.astype(self.dtype)
-        pre = (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [B, T, H·K]
+        pre = (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [B, T, H·K], [B, T, H_kv·K] x 2
         new_hist = None
         if self.config.conv_size:
             convs = (self.q_conv, self.k_conv, self.v_conv)
             hist = (None, None, None) if cache is None else cache.conv
             new_hist = tuple(c.final_history(p, segment_ids, history=h) for c, p, h in zip(convs, pre, hist))
             pre = tuple(jax.nn.silu(c(p, segment_ids, history=h)) for c, p, h in zip(convs, pre, hist))
-        q, k, v = (p.reshape(B, T, H, K) for p in pre)
+        q, k, v = pre[0].reshape(B, T, H, K), pre[1].reshape(B, T, Hkv, K), pre[2].reshape(B, T, Hkv, K)
 
         # Slots: token t of x goes to slot length + t; each token's document began at slot start_slot.
         length = jnp.zeros((), jnp.int32) if cache is None else cache.length

@@ -80,9 +80,9 @@ def sample_logits(key: jax.Array, logits: jax.Array, temperature: float, top_k: 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "stop_token", "pad_token", "cache_len"))
+                                             "stop_token", "pad_token", "cache_len", "vocab_limit"))
 def _generate(graphdef, state, tokens, segment_ids, key, *, max_new_tokens, temperature, top_k, top_p,
-              stop_token, pad_token, cache_len):
+              stop_token, pad_token, cache_len, vocab_limit):
     model = nnx.merge(graphdef, state)
     B = tokens.shape[0]
     cache = None if cache_len is None else model.init_cache(B, cache_len)  # attention: the KV cache
@@ -101,6 +101,8 @@ def _generate(graphdef, state, tokens, segment_ids, key, *, max_new_tokens, temp
         bad_step = jnp.where(bad, i, bad_step)
         done = done | bad
         key, sub = jax.random.split(key)
+        if vocab_limit is not None:  # ids past the tokenizer's (a padded vocabulary) are never drawn
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
         tok = sample_logits(sub, jnp.where(done[:, None], 0.0, logits), temperature, top_k, top_p)
         tok = jnp.where(done, pad_token, tok)
         out = out.at[:, i].set(tok)
@@ -116,12 +118,14 @@ def _generate(graphdef, state, tokens, segment_ids, key, *, max_new_tokens, temp
 
 def generate(model: CausalLM, prompts, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_token: int | None = None, pad_token: int = 0, pad_to: int | None = None) -> Generation:
+             stop_token: int | None = None, pad_token: int = 0, pad_to: int | None = None,
+             vocab_limit: int | None = None) -> Generation:
     """Samples up to ``max_new_tokens`` tokens after each prompt (a list of token lists of any
     lengths, or an int array ``[B, P]``). ``temperature=0`` is greedy. A row ends after
     ``stop_token``; the loop ends when every row has. ``pad_to`` left-pads the batch to at least
     that many positions (the result is the same): callers with many prompt lengths round it up to
-    compile fewer shapes.
+    compile fewer shapes. ``vocab_limit``: only ids below it are sampled (a tokenizer smaller than
+    the model's vocabulary, e.g. an imported checkpoint's padded one).
     """
     cfg = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -135,6 +139,9 @@ def generate(model: CausalLM, prompts, max_new_tokens: int, *, temperature: floa
     for name, tok in (("stop_token", stop_token), ("pad_token", pad_token)):
         if tok is not None and not (isinstance(tok, int) and 0 <= tok < cfg.vocab_size):
             raise ValueError(f"{name}: expected None or a token id in [0, vocab_size={cfg.vocab_size}), got {tok!r}")
+    if vocab_limit is not None and not (isinstance(vocab_limit, int) and 1 <= vocab_limit <= cfg.vocab_size):
+        raise ValueError(f"vocab_limit: expected None or an int in [1, vocab_size={cfg.vocab_size}], "
+                         f"got {vocab_limit!r}")
     if pad_to is not None and not (isinstance(pad_to, int) and pad_to >= 1):
         raise ValueError(f"pad_to: expected None or an int >= 1, got {pad_to!r}")
     tokens, segment_ids = _left_pad(prompts, pad_token, pad_to)
@@ -154,7 +161,8 @@ def generate(model: CausalLM, prompts, max_new_tokens: int, *, temperature: floa
                               jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
                               temperature=float(temperature), top_k=top_k,
                               top_p=None if top_p is None else float(top_p), stop_token=stop_token,
-                              pad_token=pad_token, cache_len=cache_len)
+                              pad_token=pad_token, cache_len=cache_len,
+                              vocab_limit=None if vocab_limit == cfg.vocab_size else vocab_limit)
     out, bad_step = np.asarray(out), np.asarray(bad_step)
     if (bad_step >= 0).any():
         rows = np.nonzero(bad_step >= 0)[0].tolist()

@@ -60,11 +60,20 @@ class RMSNorm(nnx.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """Per-head RMSNorm followed by an output gate: ``rms_norm(o) · silu(gate)`` (Gated DeltaNet)."""
+    """Per-head RMSNorm followed by an output gate: ``rms_norm(o) · act(gate)``, ``act`` SiLU
+    (``swish``, Gated DeltaNet's) or ``sigmoid``."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, param_dtype: Dtype = jnp.float32,
+                 axis_name: str | None = "embed", activation: str = "swish"):
+        super().__init__(features, eps=eps, param_dtype=param_dtype, axis_name=axis_name)
+        if activation not in ("swish", "sigmoid"):
+            raise ValueError(f"activation: expected 'swish' or 'sigmoid', got {activation!r}")
+        self.activation = activation
 
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
         y = rms_norm(x, self.weight[...], self.eps).astype(jnp.float32)
-        return (y * jax.nn.silu(gate.astype(jnp.float32))).astype(x.dtype)
+        act = jax.nn.silu if self.activation == "swish" else jax.nn.sigmoid
+        return (y * act(gate.astype(jnp.float32))).astype(x.dtype)
 
 
 def short_conv(x: jax.Array, weight: jax.Array, doc: jax.Array | None = None,

@@ -3,9 +3,12 @@
 Each is an NNX module usable alone in any model: ``mixer(x [B, T, hidden], segment_ids=[B, T]) ->
 [B, T, hidden]``. The math lives in ``osdn_jax.ops``; a mixer holds parameters and calls it.
 
-Common path: q, k, v = Linear(hidden, H·K) → causal depthwise short conv (kernel 4) → SiLU; q and k
-L2-normalised per head; β = sigmoid(Linear(hidden, H)); the op; per-head RMSNorm (Gated DeltaNet: a
-gated RMSNorm with an output gate); o_proj.
+Common path: q, k = Linear(hidden, H·K), v = Linear(hidden, H·V) → causal depthwise short conv
+(kernel 4) → SiLU; q and k L2-normalised per head; β = sigmoid(Linear(hidden, H)); the op; per-head
+RMSNorm (Gated DeltaNet: a gated RMSNorm with an output gate); o_proj. The head widths K and V
+default to ``hidden / H``; the options of ``DeltaNetConfig`` cover the variants that
+flash-linear-attention's checkpoints use (other activations, L1 key norm, no conv, no β, β ∈ (0, 2),
+an output gate), so those checkpoints load exactly (``osdn_jax.convert``).
 
 Recurrent use: ``prefill(x, segment_ids, cache)`` returns the output and a ``MixerCache`` (conv
 histories, the fp32 state S and, for OSDN, the preconditioner d); ``step(x [B, hidden], cache)``
@@ -34,6 +37,11 @@ from osdn_jax.ops.checks import require
 from osdn_jax.presets import get_preset
 
 
+QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
+QK_NORMS = ("l2", "sum")
+OUTPUT_GATES = (None, "swish", "sigmoid")
+
+
 @dataclasses.dataclass(frozen=True)
 class DeltaNetConfig:
     """Options of the DeltaNet mixer (sizes come from the model: hidden size and heads)."""
@@ -44,10 +52,25 @@ class DeltaNetConfig:
     impl: str = "auto"  # ops path: auto | reference | chunked | pallas
     chunk_size: int = 64
     precision: str | None = None  # kernels' multiply policy: None (by dtype) | tf32 | ieee
+    head_k_dim: int | None = None  # query/key head width K; None: hidden_size // num_heads
+    head_v_dim: int | None = None  # value head width V; None: K
+    short_conv: bool = True  # False: no short conv (the activations act on the projections)
+    qk_activation: str = "silu"  # on q and k: silu | relu | elu (elu(x) + 1) | identity; v always SiLU
+    qk_norm: str = "l2"  # per-head norm of q and k: l2 (x / sqrt(Σx² + 1e-6)) | sum (x / max(Σ|x|, 1e-6))
+    use_beta: bool = True  # False: β ≡ 1 (no b_proj)
+    allow_neg_eigval: bool = False  # β = 2·sigmoid(·) ∈ (0, 2): the transition may have negative eigenvalues
+    output_gate: str | None = None  # None | swish | sigmoid: o = rms_norm(o) · act(g_proj(x)) per head
 
     def __post_init__(self):
         require(isinstance(self.conv_size, int) and self.conv_size >= 1, "conv_size", "an int >= 1",
                  self.conv_size)
+        for field in ("head_k_dim", "head_v_dim"):
+            v = getattr(self, field)
+            require(v is None or (isinstance(v, int) and v >= 1), field, "None or an int >= 1", v)
+        require(self.qk_activation in QK_ACTIVATIONS, "qk_activation", f"one of {QK_ACTIVATIONS}",
+                self.qk_activation)
+        require(self.qk_norm in QK_NORMS, "qk_norm", f"one of {QK_NORMS}", self.qk_norm)
+        require(self.output_gate in OUTPUT_GATES, "output_gate", f"one of {OUTPUT_GATES}", self.output_gate)
         require(self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
         require(self.impl in ops.IMPLS, "impl", f"one of {ops.IMPLS}", self.impl)
         require(self.precision is None or self.precision in PRECISIONS, "precision", f"None or one of {PRECISIONS}",
@@ -60,6 +83,7 @@ class GatedDeltaNetConfig(DeltaNetConfig):
     """Gated DeltaNet: log decay ``g = -exp(A_log) · softplus(a(x) + dt_bias)``, output gate."""
 
     name: ClassVar[str] = "gdn"
+    output_gate: str | None = "swish"
     a_init_range: tuple[float, float] = (1.0, 16.0)  # A ~ U(range), A_log = log A
     dt_min: float = 0.001  # dt ~ log-uniform [dt_min, dt_max], dt_bias = softplus⁻¹(dt)
     dt_max: float = 0.1
@@ -128,11 +152,11 @@ MixerConfig = DeltaNetConfig | AttentionConfig  # every mixer config
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MixerCache:
-    """Recurrent state of one mixer: conv histories ``(q, k, v) [B, W-1, H·K]`` (compute dtype), the
-    state ``S [B, H, K, V]`` (fp32) and, for OSDN mixers, ``d [B, H, K]`` (fp32, the value the next
-    token writes with)."""
+    """Recurrent state of one mixer: conv histories ``(q, k, v)`` ``[B, W-1, H·K]`` / ``[B, W-1, H·V]``
+    (compute dtype; None without a short conv), the state ``S [B, H, K, V]`` (fp32) and, for OSDN
+    mixers, ``d [B, H, K]`` (fp32, the value the next token writes with)."""
 
-    conv: tuple[jax.Array, jax.Array, jax.Array]
+    conv: tuple[jax.Array, jax.Array, jax.Array] | None
     state: jax.Array
     d: jax.Array | None = None
 
@@ -140,7 +164,8 @@ class MixerCache:
 class DeltaNet(nnx.Module):
     """DeltaNet token mixer; the base of the other three.
 
-    ``DeltaNet(hidden_size, num_heads, config, *, rngs)``; head dim ``hidden_size // num_heads``.
+    ``DeltaNet(hidden_size, num_heads, config, *, rngs)``; head widths ``config.head_k_dim`` /
+    ``head_v_dim`` (default ``hidden_size // num_heads``).
     ``dtype`` is the compute dtype, ``param_dtype`` the parameters' (fp32 by default).
     """
 
@@ -154,29 +179,40 @@ class DeltaNet(nnx.Module):
         require(isinstance(config, self.config_class), "config", f"a {self.config_class.__name__}",
                  type(config).__name__)
         require(isinstance(num_heads, int) and num_heads >= 1, "num_heads", "an int >= 1", num_heads)
-        require(isinstance(hidden_size, int) and hidden_size >= 1 and hidden_size % num_heads == 0,
-                 "hidden_size", f"a positive multiple of num_heads={num_heads}", hidden_size)
+        if config.head_k_dim is None:
+            require(isinstance(hidden_size, int) and hidden_size >= 1 and hidden_size % num_heads == 0,
+                    "hidden_size", f"a positive multiple of num_heads={num_heads} (or set head_k_dim)", hidden_size)
+        require(isinstance(hidden_size, int) and hidden_size >= 1, "hidden_size", "an int >= 1", hidden_size)
         self.config = config
         self.hidden_size, self.num_heads = hidden_size, num_heads
-        self.head_dim = hidden_size // num_heads
+        self.head_k_dim = config.head_k_dim or hidden_size // num_heads
+        self.head_v_dim = config.head_v_dim or self.head_k_dim
+        self.head_dim = self.head_k_dim
         self.dtype = dtype
         kw = dict(rngs=rngs, init_range=init_range, dtype=dtype, param_dtype=param_dtype)
-        D = hidden_size
-        self.q_proj = dense(hidden_size, D, ("embed", "heads"), **kw)
-        self.k_proj = dense(hidden_size, D, ("embed", "heads"), **kw)
-        self.v_proj = dense(hidden_size, D, ("embed", "heads"), **kw)
-        self.q_conv = ShortConv(D, config.conv_size, rngs=rngs, param_dtype=param_dtype)
-        self.k_conv = ShortConv(D, config.conv_size, rngs=rngs, param_dtype=param_dtype)
-        self.v_conv = ShortConv(D, config.conv_size, rngs=rngs, param_dtype=param_dtype)
-        self.b_proj = dense(hidden_size, num_heads, ("embed", None), **kw)
+        Dk, Dv = num_heads * self.head_k_dim, num_heads * self.head_v_dim
+        self.q_proj = dense(hidden_size, Dk, ("embed", "heads"), **kw)
+        self.k_proj = dense(hidden_size, Dk, ("embed", "heads"), **kw)
+        self.v_proj = dense(hidden_size, Dv, ("embed", "heads"), **kw)
+        if config.short_conv:
+            self.q_conv = ShortConv(Dk, config.conv_size, rngs=rngs, param_dtype=param_dtype)
+            self.k_conv = ShortConv(Dk, config.conv_size, rngs=rngs, param_dtype=param_dtype)
+            self.v_conv = ShortConv(Dv, config.conv_size, rngs=rngs, param_dtype=param_dtype)
+        if config.use_beta:
+            self.b_proj = dense(hidden_size, num_heads, ("embed", None), **kw)
         self.o_norm = self._make_norm(param_dtype)
-        self.o_proj = dense(D, hidden_size, ("heads", "embed"), **kw)
+        self.o_proj = dense(Dv, hidden_size, ("heads", "embed"), **kw)
+        if config.output_gate:
+            self.g_proj = dense(hidden_size, Dv, ("embed", "heads"), **kw)
         self._init_extra(kw)
 
     # -- hooks for the variants ------------------------------------------------------------------
 
     def _make_norm(self, param_dtype) -> RMSNorm:
-        return RMSNorm(self.head_dim, eps=self.config.norm_eps, param_dtype=param_dtype, axis_name=None)
+        if self.config.output_gate:
+            return GatedRMSNorm(self.head_v_dim, eps=self.config.norm_eps, param_dtype=param_dtype, axis_name=None,
+                                activation=self.config.output_gate)
+        return RMSNorm(self.head_v_dim, eps=self.config.norm_eps, param_dtype=param_dtype, axis_name=None)
 
     def _init_extra(self, kw: dict) -> None:
         """Variant parameters (gates, d0)."""
@@ -186,6 +222,9 @@ class DeltaNet(nnx.Module):
         return {}
 
     def _normalize_output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        if self.config.output_gate:
+            B, T, H, V = o.shape
+            return self.o_norm(o, self.g_proj(x).reshape(B, T, H, V))
         return self.o_norm(o)
 
     def _op(self, q, k, v, beta, gates, *, segment_ids, cache, impl):
@@ -221,36 +260,54 @@ class DeltaNet(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int | None = None) -> MixerCache:
         """The cache at a sequence start: zero conv histories and state (d = d0 for OSDN). ``max_len``
         is ignored (the state's size does not depend on it; attention's KV cache needs it)."""
-        W, D, H, K = self.config.conv_size, self.hidden_size, self.num_heads, self.head_dim
-        hist = jnp.zeros((batch_size, W - 1, D), self.dtype)
-        return MixerCache(conv=(hist, hist, hist), state=jnp.zeros((batch_size, H, K, K), jnp.float32),
+        W, H, K, V = self.config.conv_size, self.num_heads, self.head_k_dim, self.head_v_dim
+        conv = None
+        if self.config.short_conv:
+            hk, hv = (jnp.zeros((batch_size, W - 1, H * n), self.dtype) for n in (K, V))
+            conv = (hk, hk, hv)
+        return MixerCache(conv=conv, state=jnp.zeros((batch_size, H, K, V), jnp.float32),
                           d=self._initial_d(batch_size))
 
     def _inputs(self, x, segment_ids, cache):
         """The op's inputs from ``x [B, T, hidden]`` (compute dtype): the pre-conv projections, ``q, k,
         v [B, T, H, K]``, ``beta [B, T, H]`` (fp32) and the gates."""
+        cfg = self.config
         B, T, _ = x.shape
-        H, K = self.num_heads, self.head_dim
-        pre = (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [B, T, H·K] before the conv
-        convs = (self.q_conv, self.k_conv, self.v_conv)
-        hist = (None, None, None) if cache is None else cache.conv
-        q, k, v = (jax.nn.silu(conv(p, segment_ids, history=h)).reshape(B, T, H, K)
-                   for conv, p, h in zip(convs, pre, hist))
-        q, k = ops.l2_normalize(q), ops.l2_normalize(k)
-        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        pre = (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [B, T, H·K | H·V] before the conv
+        q, k, v = pre
+        if cfg.short_conv:
+            hist = (None, None, None) if cache is None else cache.conv
+            q, k, v = (conv(p, segment_ids, history=h) for conv, p, h in zip(self._convs, pre, hist))
+        act = _QK_ACTIVATION[cfg.qk_activation]
+        q, k = act(q).reshape(B, T, H, K), act(k).reshape(B, T, H, K)
+        v = jax.nn.silu(v).reshape(B, T, H, V)
+        norm = ops.l2_normalize if cfg.qk_norm == "l2" else _sum_normalize
+        q, k = norm(q), norm(k)
+        if cfg.use_beta:
+            beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+        else:
+            beta = jnp.ones((B, T, H), jnp.float32)
+        if cfg.allow_neg_eigval:
+            beta = 2.0 * beta
         return pre, q, k, v, beta, self._gates(x)
+
+    @property
+    def _convs(self):
+        return (self.q_conv, self.k_conv, self.v_conv)
 
     def _forward(self, x, segment_ids, cache, impl):
         checks.check_mixer_input(x, self.hidden_size, segment_ids)
         B, T, _ = x.shape
-        H, K = self.num_heads, self.head_dim
         x = x.astype(self.dtype)
         pre, q, k, v, beta, gates = self._inputs(x, segment_ids, cache)
         o, S, d = self._op(q, k, v, beta, gates, segment_ids=segment_ids, cache=cache, impl=impl)
-        o = self._normalize_output(o.astype(self.dtype), x).reshape(B, T, H * K)
-        hist = (None, None, None) if cache is None else cache.conv
-        convs = (self.q_conv, self.k_conv, self.v_conv)
-        new_hist = tuple(conv.final_history(p, segment_ids, history=h) for conv, p, h in zip(convs, pre, hist))
+        o = self._normalize_output(o.astype(self.dtype), x).reshape(B, T, -1)
+        new_hist = None
+        if self.config.short_conv:
+            hist = (None, None, None) if cache is None else cache.conv
+            new_hist = tuple(conv.final_history(p, segment_ids, history=h)
+                             for conv, p, h in zip(self._convs, pre, hist))
         return self.o_proj(o), MixerCache(conv=new_hist, state=S, d=d)
 
     def _write_scale(self, k, beta, gates, segment_ids) -> jax.Array | None:
@@ -272,21 +329,30 @@ class DeltaNet(nnx.Module):
         return beta * jnp.sum(k * k if d is None else d * k * k, axis=-1)
 
 
+def _elu_plus_one(x: jax.Array) -> jax.Array:
+    return (jax.nn.elu(x.astype(jnp.float32)) + 1.0).astype(x.dtype)
+
+
+_QK_ACTIVATION = {"silu": jax.nn.silu, "relu": jax.nn.relu, "elu": _elu_plus_one, "identity": lambda x: x}
+
+
+def _sum_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """``x / max(Σ|x|, eps)`` over the last axis (fp32), in x's dtype: the ``qk_norm='sum'`` option."""
+    x32 = x.astype(jnp.float32)
+    return (x32 / jnp.maximum(jnp.sum(jnp.abs(x32), axis=-1, keepdims=True), eps)).astype(x.dtype)
+
+
 class GatedDeltaNet(DeltaNet):
-    """Gated DeltaNet: decay ``S ← exp(g) S`` with ``g = -exp(A_log)·softplus(a(x) + dt_bias)`` and an
-    output gate through a per-head gated RMSNorm."""
+    """Gated DeltaNet: decay ``S ← exp(g) S`` with ``g = -exp(A_log)·softplus(a(x) + dt_bias)`` and (by
+    default) an output gate through a per-head gated RMSNorm."""
 
     config_class: ClassVar[type] = GatedDeltaNetConfig
-
-    def _make_norm(self, param_dtype) -> RMSNorm:
-        return GatedRMSNorm(self.head_dim, eps=self.config.norm_eps, param_dtype=param_dtype, axis_name=None)
 
     def _init_extra(self, kw: dict) -> None:
         super()._init_extra(kw)
         cfg, H = self.config, self.num_heads
         rngs, param_dtype = kw["rngs"], kw["param_dtype"]
         self.a_proj = dense(self.hidden_size, H, ("embed", None), **kw)
-        self.g_proj = dense(self.hidden_size, self.hidden_size, ("embed", "heads"), **kw)
         A = jax.random.uniform(rngs.params(), (H,), jnp.float32, *cfg.a_init_range)
         self.A_log = param(jnp.log(A).astype(param_dtype), (None,))
         u = jax.random.uniform(rngs.params(), (H,), jnp.float32)
@@ -300,10 +366,6 @@ class GatedDeltaNet(DeltaNet):
         gates["log_decay"] = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
         return gates
 
-    def _normalize_output(self, o: jax.Array, x: jax.Array) -> jax.Array:
-        B, T, H, V = o.shape
-        return self.o_norm(o, self.g_proj(x).reshape(B, T, H, V))
-
 
 class _OSDNMixin:
     """The OSDN additions: the learnable ``d0 [H, K]`` and, with APF, ``W_a: Linear(hidden, H, bias)``."""
@@ -311,7 +373,7 @@ class _OSDNMixin:
     def _init_extra(self, kw: dict) -> None:
         super()._init_extra(kw)
         cfg = self.config
-        self.d0 = param(jnp.full((self.num_heads, self.head_dim), cfg.initial_d, kw["param_dtype"]), (None, None))
+        self.d0 = param(jnp.full((self.num_heads, self.head_k_dim), cfg.initial_d, kw["param_dtype"]), (None, None))
         if cfg.apf:
             self.apf_proj = dense(self.hidden_size, self.num_heads, ("embed", None), use_bias=True,
                                   kernel_init=nnx.initializers.zeros_init(),

@@ -1,7 +1,9 @@
 """The causal language model (SPEC §5) and its named presets.
 
-Block: RMSNorm → mixer → residual; RMSNorm → SwiGLU MLP → residual. Untied embeddings, a final
-RMSNorm and an LM head. Parameters are fp32 by default; ``compute_dtype`` sets the activations.
+Block: RMSNorm → mixer → residual; RMSNorm → SwiGLU MLP → residual. Embeddings (untied unless
+``tie_embeddings``), a final RMSNorm and an LM head. ``attention_layers`` makes a hybrid: those
+layers use softmax attention (``attention``'s config) instead of ``mixer``. Parameters are fp32 by
+default; ``compute_dtype`` sets the activations.
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     max_seq_len: int = 4096  # longest prompt / training row accepted
     remat: bool = False  # rematerialise each block in the backward pass
+    tie_embeddings: bool = False  # the LM head is the embedding matrix (transposed); no lm_head
+    attention_layers: tuple[int, ...] = ()  # hybrid: these layers are softmax attention ...
+    attention: AttentionConfig = AttentionConfig()  # ... with this config
 
     def __post_init__(self):
         for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
             v = getattr(self, field)
             require(isinstance(v, int) and v >= 1, field, "an int >= 1", v)
-        require(self.hidden_size % self.num_heads == 0, "hidden_size",
-                 f"a multiple of num_heads={self.num_heads}", self.hidden_size)
+        explicit = getattr(self.mixer, "head_k_dim", None) or getattr(self.mixer, "num_heads", None)
+        require(explicit or self.hidden_size % self.num_heads == 0, "hidden_size",
+                f"a multiple of num_heads={self.num_heads} (or a mixer with head_k_dim)", self.hidden_size)
         require(isinstance(self.mixer, MixerConfig), "mixer", "a mixer config (e.g. OSDNConfig())",
                  self.mixer)
         mixer_class(self.mixer)
@@ -53,6 +59,41 @@ class ModelConfig:
         require(self.compute_dtype in DTYPES, "compute_dtype", f"one of {sorted(DTYPES)}", self.compute_dtype)
         require(self.intermediate_size is None or self.intermediate_size >= 1, "intermediate_size",
                  "None or an int >= 1", self.intermediate_size)
+        layers = tuple(self.attention_layers)
+        distinct = len(set(layers)) == len(layers)
+        require(all(isinstance(i, int) and 0 <= i < self.num_layers for i in layers) and distinct,
+                "attention_layers", f"distinct layer indices in [0, num_layers={self.num_layers})", layers)
+        require(isinstance(self.attention, AttentionConfig), "attention", "an AttentionConfig", self.attention)
+        require(not layers or not isinstance(self.mixer, AttentionConfig), "attention_layers",
+                "() when the mixer is already attention", layers)
+        object.__setattr__(self, "attention_layers", tuple(sorted(layers)))
+
+    def layer_mixer(self, index: int) -> MixerConfig:
+        """The mixer config of layer ``index``: ``attention`` for the hybrid's attention layers."""
+        return self.attention if index in self.attention_layers else self.mixer
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; the mixer configs carry their ``name`` (``from_dict`` inverts it)."""
+        d = dataclasses.asdict(self)
+        d["mixer"] = {"name": self.mixer.name, **d["mixer"]}
+        d["attention"] = {"name": self.attention.name, **d["attention"]}
+        d["attention_layers"] = list(self.attention_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """The config ``to_dict`` wrote. Unknown fields raise a ``ValueError`` naming them."""
+        values = dict(values)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"model config: unknown fields {unknown}; expected some of {sorted(fields)}")
+        for key in ("mixer", "attention"):
+            if isinstance(values.get(key), dict):
+                values[key] = _mixer_from_dict(values[key], key)
+        if "attention_layers" in values:
+            values["attention_layers"] = tuple(values["attention_layers"])
+        return cls(**values)
 
     @property
     def mixer_name(self) -> str:
@@ -60,13 +101,14 @@ class ModelConfig:
 
     @property
     def kv_cache(self) -> bool:
-        """Whether decoding keeps every token (attention's KV cache, at most ``max_seq_len``) rather
-        than a fixed-size recurrent state."""
-        return mixer_class(self.mixer).kv_cache
+        """Whether decoding keeps every token in some layer (attention's KV cache, at most
+        ``max_seq_len``) rather than only fixed-size recurrent states."""
+        return any(mixer_class(self.layer_mixer(i)).kv_cache for i in range(self.num_layers))
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        """The key head width of the main mixer."""
+        return getattr(self.mixer, "head_k_dim", None) or self.hidden_size // self.num_heads
 
     @property
     def mlp_width(self) -> int:
@@ -95,6 +137,23 @@ PRESETS: dict[str, ModelConfig] = {
     **{f"osdn-apf-{size}": ModelConfig(mixer=OSDNConfig(preset="apr", apf=True), **dims)
        for size, dims in _SIZES.items()},
 }
+
+
+def _mixer_from_dict(values: dict, where: str) -> MixerConfig:
+    values = dict(values)
+    name = values.pop("name", None)
+    if name is None:
+        raise ValueError(f"model config: {where} has no 'name' (deltanet, gdn, osdn, os_gdn, attention)")
+    cls = MIXERS.get(name)
+    if cls is None:
+        raise ValueError(f"model config: {where}.name: unknown mixer {name!r}; expected one of {sorted(MIXERS)}")
+    config_cls = cls.config_class
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"model config: {where}: unknown {name} fields {unknown}; expected some of {sorted(fields)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return config_cls(**values)
 
 
 def model_config(name: str, *, mixer: str | MixerConfig | None = None, **overrides) -> ModelConfig:
@@ -128,11 +187,12 @@ class Block(nnx.Module):
     """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))`` (unless
     ``config.use_mlp`` is False)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mixer: MixerConfig | None = None):
         dtype, pdtype = DTYPES[config.compute_dtype], DTYPES[config.param_dtype]
+        mixer = config.mixer if mixer is None else mixer
         self.mixer_norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
-        self.mixer = mixer_class(config.mixer)(config.hidden_size, config.num_heads, config.mixer, rngs=rngs,
-                                               dtype=dtype, param_dtype=pdtype, init_range=config.init_range)
+        self.mixer = mixer_class(mixer)(config.hidden_size, config.num_heads, mixer, rngs=rngs,
+                                        dtype=dtype, param_dtype=pdtype, init_range=config.init_range)
         if config.use_mlp:
             self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
             self.mlp = SwiGLU(config.hidden_size, config.mlp_width, rngs=rngs, init_range=config.init_range,
@@ -176,10 +236,19 @@ class CausalLM(nnx.Module):
         self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=pdtype,
                                embedding_init=annotated(nnx.initializers.normal(config.init_range),
                                                         ("vocab", "embed")), rngs=rngs)
-        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.blocks = nnx.List([Block(config, rngs=rngs, mixer=config.layer_mixer(i))
+                                for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
-        self.lm_head = dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs,
-                             init_range=config.init_range, dtype=dtype, param_dtype=pdtype)
+        if not config.tie_embeddings:
+            self.lm_head = dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs,
+                                 init_range=config.init_range, dtype=dtype, param_dtype=pdtype)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Logits ``[..., vocab]`` (fp32) of final-normed hidden states ``x [..., hidden]``: the LM head,
+        or the embedding matrix transposed when ``tie_embeddings``."""
+        if self.config.tie_embeddings:
+            return self.embed.attend(x).astype(jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
 
     def _run(self, tokens, segment_ids, caches, mode, head=True):
         x = self.embed(tokens)
@@ -192,7 +261,7 @@ class CausalLM(nnx.Module):
                 x, c = block(x, segment_ids, cache, mode)
             new.append(c)
         x = self.norm(x)
-        logits = self.lm_head(x).astype(jnp.float32) if head else x
+        logits = self.head(x) if head else x
         return logits, (None if mode == "forward" else ModelCache(tuple(new)))
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -203,7 +272,7 @@ class CausalLM(nnx.Module):
 
     def features(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """The final-normed hidden states ``[B, T, hidden]`` (compute dtype) that the LM head reads:
-        ``model(tokens) == model.lm_head(model.features(tokens))``. Lets a loss that scores a few
+        ``model(tokens) == model.head(model.features(tokens))``. Lets a loss that scores a few
         positions gather them before the vocabulary-sized head."""
         check_tokens("tokens", tokens, self.config.vocab_size, 2, "[B, T]")
         return self._run(tokens, segment_ids, None, "forward", head=False)[0]

@@ -173,7 +173,7 @@ def test_errors_name_the_argument():
     _, cache = mixer.prefill(_x(T=6), None, mixer.init_cache(2, 8))
     with pytest.raises(ValueError, match="cache: 3 more tokens after 6 overflow the attention KV cache of 8"):
         mixer.prefill(_x(T=3), None, cache)
-    with pytest.raises(ValueError, match=r"cache.keys: expected shape \[B, L, H, K\] = \[3, 8, 2, 16\]"):
+    with pytest.raises(ValueError, match=r"cache.keys: expected shape \[B, L, H_kv, K\] = \[3, 8, 2, 16\]"):
         mixer.prefill(_x(B=3, T=2), None, cache)
     with pytest.raises(ValueError, match="cache.conv: expected conv histories for conv_size=4"):
         _mixer(conv_size=4).step(_x(T=1)[:, 0], mixer.init_cache(2, 4))

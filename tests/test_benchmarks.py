@@ -37,3 +37,11 @@ def test_train_throughput_smoke():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| tiny")]
     assert len(rows) == 1 and "%" in rows[0], out.stdout
+
+
+def test_convert_memory_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convert_memory.py"), "--preset", "tiny",
+                          "--shard", "100KB", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| single") or line.startswith("| sharded")]
+    assert len(rows) == 2, out.stdout

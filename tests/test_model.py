@@ -2,6 +2,7 @@
 documents, dtype policy, remat, sharding annotations, errors."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 
 from osdn_jax import CausalLM, OSDNConfig, OSGatedDeltaNetConfig, count_params, mixer_config, model_config
-from osdn_jax.model import PRESETS
+from osdn_jax.model import PRESETS, ModelConfig
 
 MIXER_CASES = {
     "deltanet": mixer_config("deltanet"),
@@ -56,7 +57,7 @@ def test_paper_presets_carry_the_paper_clip_and_apf():
 def test_features_feed_the_head_and_use_mlp_false_drops_the_mlp():
     model = _tiny("osdn")
     tokens = _tokens(2, 16)
-    np.testing.assert_allclose(model.lm_head(model.features(tokens)), model(tokens), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model.head(model.features(tokens)), model(tokens), rtol=1e-6, atol=1e-6)
     bare = _tiny("deltanet", use_mlp=False)
     assert not hasattr(bare.blocks[0], "mlp")
     assert count_params(model_config("tiny", mixer="deltanet", use_mlp=False)) < count_params(
@@ -176,3 +177,25 @@ def test_errors_name_the_value():
         model_config("tiny", compute_dtype="fp8")
     with pytest.raises(ValueError, match="mixer: expected a mixer config"):
         dataclasses.replace(model_config("tiny"), mixer="osdn")
+
+
+def test_config_dict_round_trip_and_errors():
+    from osdn_jax.attention import AttentionConfig
+    from osdn_jax.mixers import GatedDeltaNetConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, tie_embeddings=True,
+                      mixer=GatedDeltaNetConfig(head_k_dim=8, head_v_dim=24, output_gate="sigmoid", short_conv=False),
+                      attention_layers=(2, 0), attention=AttentionConfig(num_heads=4, num_kv_heads=2, qkv_bias=True))
+    assert cfg.attention_layers == (0, 2) and cfg.layer_mixer(0) == cfg.attention and cfg.layer_mixer(1) == cfg.mixer
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    assert not hasattr(model, "lm_head") and model.config.kv_cache
+    assert model.blocks[0].mixer.k_proj.kernel.shape == (32, 16)  # 2 KV heads of width 8
+    with pytest.raises(ValueError, match=r"model config: unknown fields \['heads'\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "heads": 3})
+    with pytest.raises(ValueError, match=r"mixer: unknown gdn fields \['width'\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "mixer": {"name": "gdn", "width": 3}})
+    with pytest.raises(ValueError, match=r"attention_layers: expected distinct layer indices in \[0, num_layers=3\)"):
+        ModelConfig(num_layers=3, attention_layers=(3,))
+    with pytest.raises(ValueError, match="qk_activation: expected one of"):
+        GatedDeltaNetConfig(qk_activation="tanh")

@@ -26,6 +26,29 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def save_params(directory: str | Path, params) -> Path:
+    """Writes a parameters-only checkpoint (a pure dict of arrays) to ``directory``, which must not
+    exist: the starting point of a run (``ModelSettings.init_from``), e.g. an imported model."""
+    directory = Path(directory).absolute()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory, params)
+        ckptr.wait_until_finished()
+    return directory
+
+
+def restore_params(directory: str | Path, params):
+    """The parameters saved by ``save_params``, laid out (shapes, dtypes, shardings) like ``params``.
+    A missing folder or a parameter whose shape differs is a ``ValueError`` naming the folder."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise ValueError(f"model.init_from: no such checkpoint folder {str(directory)!r}")
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(directory, _abstract(params))
+        except ValueError as e:
+            raise ValueError(f"model.init_from: {directory} does not hold this model's parameters ({e})") from None
+
+
 class Checkpointer:
     """``save`` / ``restore`` of one run's state in ``directory``."""
 

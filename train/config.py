@@ -38,9 +38,23 @@ class ModelSettings:
     num_heads: int | None = None
     compute_dtype: str | None = None  # float32 | bfloat16
     remat: bool | None = None
+    # A ModelConfig JSON (``model.json``, written by ``python -m osdn_jax.convert import``) replacing
+    # the preset; a relative path is taken from the run directory. Its vocab size is kept.
+    config_path: str | None = None
+    # Parameters to start from when the run has no checkpoint to resume (an orbax checkpoint of the
+    # parameters, e.g. the ``init`` folder an import writes); a relative path is taken from the run dir.
+    init_from: str | None = None
 
-    def build(self, vocab_size: int, max_seq_len: int) -> ModelConfig:
-        """The ``ModelConfig`` of this run (the vocab from the tokenizer, rows up to ``max_seq_len``)."""
+    def resolve(self, path: str, run_dir: str | Path | None) -> Path:
+        """``path`` (``config_path`` / ``init_from``), relative paths taken from ``run_dir``."""
+        p = Path(path)
+        return p if p.is_absolute() or run_dir is None else Path(run_dir) / p
+
+    def build(self, vocab_size: int, max_seq_len: int, run_dir: str | Path | None = None) -> ModelConfig:
+        """The ``ModelConfig`` of this run (the vocab from the tokenizer, rows up to ``max_seq_len``).
+        With ``config_path``, the model in that file (the tokenizer must fit its vocab)."""
+        if self.config_path is not None:
+            return self._build_from_file(vocab_size, max_seq_len, run_dir)
         cfg = model_config(self.preset, mixer=self.mixer)
         mixer_changes = {"preset": self.osdn_preset, "apf": self.apf, "beta_aware": self.beta_aware,
                          "impl": self.impl, "chunk_size": self.chunk_size, "precision": self.precision}
@@ -58,6 +72,32 @@ class ModelSettings:
                                                    "remat") if getattr(self, k) is not None}
         return dataclasses.replace(cfg, mixer=mixer, vocab_size=vocab_size,
                                    max_seq_len=max(cfg.max_seq_len, max_seq_len), **overrides)
+
+    def _build_from_file(self, vocab_size: int, max_seq_len: int, run_dir) -> ModelConfig:
+        path = self.resolve(self.config_path, run_dir)
+        if not path.is_file():
+            raise ValueError(f"model.config_path: no such file {str(path)!r}")
+        try:
+            cfg = ModelConfig.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"model.config_path: {path}: {e}") from None
+        fixed = [k for k in ("mixer", "osdn_preset", "apf", "beta_aware", "hidden_size", "num_layers", "num_heads")
+                 if getattr(self, k) is not None]
+        if fixed:
+            raise ValueError(f"model: {fixed} cannot change the model of config_path {path} (its weights fix them)")
+        if vocab_size > cfg.vocab_size:
+            raise ValueError(f"model.config_path: the tokenizer has {vocab_size} ids, more than the model's "
+                             f"vocab_size={cfg.vocab_size} ({path})")
+        mixer_changes = {k: getattr(self, k) for k in ("impl", "chunk_size", "precision")
+                         if getattr(self, k) is not None}
+        mixer = cfg.mixer
+        if mixer_changes:
+            if not hasattr(mixer, "impl"):
+                raise ValueError(f"model: {sorted(mixer_changes)} only apply to the delta-rule mixers, not "
+                                 f"{mixer.name!r}")
+            mixer = dataclasses.replace(mixer, **mixer_changes)
+        overrides = {k: getattr(self, k) for k in ("compute_dtype", "remat") if getattr(self, k) is not None}
+        return dataclasses.replace(cfg, mixer=mixer, max_seq_len=max(cfg.max_seq_len, max_seq_len), **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +252,8 @@ def to_dict(cfg) -> dict:
 
 
 def load_config_file(path: str | Path) -> TrainConfig:
-    """A ``TrainConfig`` from a JSON file holding any subset of the fields (nested objects)."""
+    """A ``TrainConfig`` from a JSON file holding any subset of the fields (nested objects), or a
+    run's ``config.json`` (its ``train`` entry: the run's own settings, to resume or continue it)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config: no such file {str(path)!r}")
@@ -220,6 +261,8 @@ def load_config_file(path: str | Path) -> TrainConfig:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--config: {path} is not valid JSON ({e})") from None
+    if isinstance(values, dict) and isinstance(values.get("train"), dict):  # a run's config.json
+        values = values["train"]
     return _from_dict(TrainConfig, values, "")
 
 

@@ -42,6 +42,7 @@ from flax import nnx
 from osdn_jax.generate import generate
 from osdn_jax.model import CausalLM
 from osdn_jax.train import data as data_lib, report
+from osdn_jax.train.checkpoint import restore_params
 from osdn_jax.train.config import TrainConfig, from_dict
 from osdn_jax.train.step import make_eval_step, mean_loss
 from osdn_jax.train.tokenizer import Tokenizer, load_tokenizer
@@ -54,13 +55,17 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[CausalLM, To
         raise ValueError(f"run_dir: {run_dir} holds no config.json (not a training run directory)")
     cfg = from_dict(json.loads((run_dir / "config.json").read_text())["train"])
     tokenizer = load_tokenizer(run_dir)
-    model_cfg = cfg.model.build(tokenizer.vocab_size, cfg.data.seq_len)
+    model_cfg = cfg.model.build(tokenizer.vocab_size, cfg.data.seq_len, run_dir)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.to_pure_dict(abstract))
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
     steps = manager.all_steps()
+    if not steps and cfg.model.init_from is not None and step in (None, 0):  # an imported, untrained run
+        manager.close()
+        params = restore_params(cfg.model.resolve(cfg.model.init_from, run_dir), target)
+        return nnx.merge(graphdef, params), tokenizer, cfg, 0
     if not steps:
         raise ValueError(f"run_dir: {run_dir}/checkpoints holds no checkpoint")
     step = max(steps) if step is None else step
@@ -141,7 +146,7 @@ def _sample(args: argparse.Namespace) -> None:
         prompt = run.cfg.sample_prompt if args.prompt is None else args.prompt
         ids = [int(t) for t in run.tokenizer.encode(prompt)] or [run.tokenizer.eos_id]
         out = generate(run.model, [ids], args.tokens, temperature=args.temperature, top_k=args.top_k,
-                       seed=args.seed, stop_token=run.tokenizer.eos_id)
+                       seed=args.seed, stop_token=run.tokenizer.eos_id, vocab_limit=run.tokenizer.vocab_size)
         text = run.tokenizer.decode(out.as_lists()[0])
         print(prompt + text)
         record.update(prompt=prompt, sample=text, temperature=args.temperature, top_k=args.top_k, seed=args.seed)

@@ -193,7 +193,8 @@ class OsdnJaxLM(TemplateLM):
                 batch += [batch[-1]] * (self.batch_size - len(batch))
                 out = generate(self.model, batch, max_new, temperature=temperature,
                                top_k=kw.get("top_k"), top_p=kw.get("top_p"), seed=self.seed,
-                               stop_token=self.eot_token_id, pad_to=padded_length(len(batch[0]), max_prompt))
+                               stop_token=self.eot_token_id, pad_to=padded_length(len(batch[0]), max_prompt),
+                               vocab_limit=self._tok.vocab_size)
                 for i, ids in zip(idx, out.as_lists()):
                     if self.eot_token_id in ids:
                         ids = ids[:ids.index(self.eot_token_id)]

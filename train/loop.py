@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from osdn_jax.generate import generate
 from osdn_jax.model import CausalLM
 from osdn_jax.train import data as data_lib
-from osdn_jax.train.checkpoint import Checkpointer
+from osdn_jax.train.checkpoint import Checkpointer, restore_params
 from osdn_jax.train.config import TrainConfig, to_dict
 from osdn_jax.train.metrics import MetricsWriter, plot
 from osdn_jax.train.optim import learning_rate, make_optimizer
@@ -79,7 +79,7 @@ def _sample(cfg: TrainConfig, graphdef, params, tokenizer) -> str:
     model = nnx.merge(graphdef, params)
     prompt = [int(t) for t in tokenizer.encode(cfg.sample_prompt)] or [tokenizer.eos_id]
     out = generate(model, [prompt], cfg.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed,
-                   stop_token=tokenizer.eos_id)
+                   stop_token=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
     return cfg.sample_prompt + tokenizer.decode(out.as_lists()[0])
 
 
@@ -100,10 +100,10 @@ def train(cfg: TrainConfig) -> dict:
         multihost_utils.sync_global_devices("osdn_jax.train: tokenizer")
     if not is_main:
         tokenizer = data_lib.build_tokenizer(cfg.data, run_dir)
-    model_cfg = cfg.model.build(tokenizer.vocab_size, cfg.data.seq_len)
+    model_cfg = cfg.model.build(tokenizer.vocab_size, cfg.data.seq_len, run_dir)
     if is_main:
-        (run_dir / "config.json").write_text(json.dumps({"train": to_dict(cfg),
-                                                          "model": dataclasses.asdict(model_cfg)}, indent=2))
+        (run_dir / "config.json").write_text(json.dumps({"train": to_dict(cfg), "model": model_cfg.to_dict()},
+                                                        indent=2))
 
     mesh = make_mesh(cfg.mesh)
     make_model = lambda: CausalLM(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731
@@ -127,7 +127,12 @@ def train(cfg: TrainConfig) -> dict:
         step, tokens_seen, skipped = meta["step"], meta["tokens_seen"], meta["skipped_steps"]
         elapsed_before = meta["elapsed_s"]
         say(f"resumed from {ckpt.directory}/{latest} (step {step})")
-    say(f"{model_cfg.mixer_name} model '{cfg.model.preset}': {n_params / 1e6:.2f}M parameters; "
+    elif cfg.model.init_from is not None:
+        init = cfg.model.resolve(cfg.model.init_from, run_dir)
+        params = restore_params(init, params)
+        say(f"parameters from {init} (step 0, a fresh optimizer)")
+    model_name = cfg.model.config_path or cfg.model.preset
+    say(f"{model_cfg.mixer_name} model '{model_name}': {n_params / 1e6:.2f}M parameters; "
         f"{jax.device_count()} device(s) {dict(mesh.shape)}, {jax.process_count()} process(es); "
         f"batch {cfg.data.batch_size}x{cfg.data.seq_len}; tokenizer {tokenizer.to_dict().get('kind', '?')} "
         f"(vocab {tokenizer.vocab_size})")

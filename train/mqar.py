@@ -146,7 +146,7 @@ def make_steps(graphdef, tx):
     def scores(params, inputs, qpos, qtgt):
         model = nnx.merge(graphdef, params)
         h = jnp.take_along_axis(model.features(inputs), qpos[..., None], axis=1)  # [B, N, D]
-        logits = model.lm_head(h).astype(jnp.float32)
+        logits = model.head(h)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, qtgt)
         return ce.mean(), (jnp.argmax(logits, -1) == qtgt).mean()
 

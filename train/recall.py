@@ -257,7 +257,7 @@ def evaluate_recall(model: CausalLM, tokenizer: Tokenizer, examples: Sequence[Re
         batch = [prompts[i].ids for i in idx]
         batch += [batch[-1]] * (batch_size - len(batch))  # a fixed batch shape
         out = generate(model, batch, max_tokens, temperature=0.0, stop_token=stop,
-                       pad_to=padded_length(max(map(len, batch)), max_prompt))
+                       pad_to=padded_length(max(map(len, batch)), max_prompt), vocab_limit=tokenizer.vocab_size)
         for i, ids in zip(idx, out.as_lists()):
             generated[i] = cut_generation(tokenizer, ids)
     rows = []

@@ -109,16 +109,17 @@ class BpeTokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, hf_json: str):
+    def __init__(self, hf_json: str, eos_token: str | None = None):
         from tokenizers import Tokenizer as HfTokenizer
 
         self._json = hf_json
         self._tok = HfTokenizer.from_str(hf_json)
         # Not serialised by `tokenizers`: literal "<|endoftext|>" in text stays text.
         self._tok.encode_special_tokens = True
-        eos = self._tok.token_to_id(EOS_TEXT)
+        self._eos_token = eos_token  # another model's end-of-text token (e.g. "</s>"); default EOS_TEXT
+        eos = self._tok.token_to_id(eos_token or EOS_TEXT)
         if eos is None:
-            raise ValueError(f"tokenizer_path: BPE tokenizer has no {EOS_TEXT} token")
+            raise ValueError(f"tokenizer_path: BPE tokenizer has no {eos_token or EOS_TEXT} token")
         self._eos = int(eos)
 
     @property
@@ -144,7 +145,7 @@ class BpeTokenizer(Tokenizer):
         return self._json
 
     def _params(self) -> dict[str, Any]:
-        return {"hf_json": self._json}
+        return {"hf_json": self._json, **({"eos_token": self._eos_token} if self._eos_token else {})}
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BpeTokenizer:
@@ -211,7 +212,7 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
-        return BpeTokenizer(d["hf_json"])
+        return BpeTokenizer(d["hf_json"], d.get("eos_token"))
     if kind == "tiktoken":
         return TiktokenTokenizer(d["encoding"])
     raise ValueError(f"tokenizer record: kind must be one of {KINDS}, got {kind!r}")
