@@ -84,10 +84,7 @@ class ModelConfig:
     def from_dict(cls, values: dict) -> "ModelConfig":
         """The config ``to_dict`` wrote. Unknown fields raise a ``ValueError`` naming them."""
         values = dict(values)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"model config: unknown fields {unknown}; expected some of {sorted(fields)}")
+        _check_fields(cls, values, "model config: unknown fields")
         for key in ("mixer", "attention"):
             if isinstance(values.get(key), dict):
                 values[key] = _mixer_from_dict(values[key], key)
@@ -147,13 +144,17 @@ def _mixer_from_dict(values: dict, where: str) -> MixerConfig:
     cls = MIXERS.get(name)
     if cls is None:
         raise ValueError(f"model config: {where}.name: unknown mixer {name!r}; expected one of {sorted(MIXERS)}")
-    config_cls = cls.config_class
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - set(fields))
+    _check_fields(cls.config_class, values, f"model config: {where}: unknown {name} fields")
+    return cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _check_fields(cls, values: dict, message: str) -> None:
+    """Raises ``ValueError(f"{message} [...]; expected some of [...]")`` for keys that are not fields
+    of the dataclass ``cls``."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"model config: {where}: unknown {name} fields {unknown}; expected some of {sorted(fields)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return config_cls(**values)
+        raise ValueError(f"{message} {unknown}; expected some of {sorted(fields)}")
 
 
 def model_config(name: str, *, mixer: str | MixerConfig | None = None, **overrides) -> ModelConfig:

@@ -22,11 +22,13 @@ when every file is complete: a failed save leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -218,6 +220,29 @@ def _nest(flat: dict) -> dict:
     return out
 
 
+def check_new_folder(name: str, dest: Path) -> None:
+    """``dest`` must not exist, or be an empty folder (``name``: the argument, for the error)."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"{name}: {dest} already exists and is not an empty folder; nothing was written")
+
+
+@contextlib.contextmanager
+def new_folder(name: str, dest: Path) -> Iterator[Path]:
+    """A temporary folder beside ``dest`` to fill: renamed to ``dest`` when the block succeeds,
+    removed when it fails, so ``dest`` appears whole or not at all."""
+    check_new_folder(name, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _parse_size(size: int | str | None) -> int | None:
     if size is None or isinstance(size, int):
         return size
@@ -242,8 +267,7 @@ def save_fla(model: CausalLM, path: str | Path, *, dtype: str | None = None, max
 
     cfg = model.config
     dest = Path(path)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ValueError(f"path: {dest} already exists and is not an empty folder; nothing was written")
+    check_new_folder("path", dest)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
     params = {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp): v for kp, v in leaves}
@@ -268,9 +292,7 @@ def save_fla(model: CausalLM, path: str | Path, *, dtype: str | None = None, max
             size = 0
         shards[-1].append(p)
         size += nbytes
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with new_folder("path", dest) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(fla_cfg, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -288,13 +310,7 @@ def save_fla(model: CausalLM, path: str | Path, *, dtype: str | None = None, max
         if limit is not None:
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                       "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        if dest.exists():
-            dest.rmdir()
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
-__all__ = ["fla_name", "load_fla", "save_fla", "weight_files"]
+__all__ = ["check_new_folder", "fla_name", "load_fla", "new_folder", "save_fla", "weight_files"]

@@ -166,8 +166,9 @@ def model_config_from_fla(fla: dict, *, where: str = "config.json", as_osdn: boo
         if f["num_v_heads"] not in (None, heads):
             _refuse("num_v_heads", f["num_v_heads"], f"null or num_heads={heads} (grouped value heads are not "
                     "implemented here)", where)
-        mixer["head_k_dim"] = f["head_dim"] if isinstance(f["head_dim"], int) and f["head_dim"] >= 1 else \
+        if not isinstance(f["head_dim"], int) or f["head_dim"] < 1:
             _refuse("head_dim", f["head_dim"], "an int >= 1", where)
+        mixer["head_k_dim"] = f["head_dim"]
         mixer["head_v_dim"] = _integer(f["head_dim"] * f["expand_v"], "expand_v", f["expand_v"], where)
         gate = f["output_gate_activation"]
         if gate not in ("swish", "silu", "sigmoid"):

@@ -15,14 +15,12 @@ like any run (``init/`` until the first checkpoint).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from flax import nnx
 
-from osdn_jax.convert.fla import load_fla, save_fla
+from osdn_jax.convert.fla import check_new_folder, load_fla, new_folder, save_fla
 from osdn_jax.train.checkpoint import save_params
 from osdn_jax.train.config import ModelSettings, TrainConfig, to_dict
 from osdn_jax.train.data import DataConfig
@@ -54,31 +52,17 @@ def _tokenizer(spec: str | None, source: Path, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _fresh(dest: Path) -> Path:
-    """A temporary folder beside ``dest`` (which must not exist or be empty)."""
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ValueError(f"{dest} already exists and is not an empty folder; nothing was written")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-
-
-def _commit(tmp: Path, dest: Path) -> None:
-    if dest.exists():
-        dest.rmdir()
-    os.replace(tmp, dest)
-
-
 def import_run(source: str | Path, run_dir: str | Path, *, as_osdn: bool = False, tokenizer: str | None = None,
                param_dtype: str = "float32", compute_dtype: str = "bfloat16", seq_len: int = 1024,
                ignore_fields: tuple[str, ...] = ()) -> Path:
     """Imports the fla checkpoint folder ``source`` into a new run directory ``run_dir`` (written
     whole or not at all). ``compute_dtype`` / ``seq_len`` go into the training config."""
     source, run_dir = Path(source), Path(run_dir)
+    check_new_folder("run_dir", run_dir)  # before loading: a model can take minutes
     model, cfg = load_fla(source, as_osdn=as_osdn, param_dtype=param_dtype, compute_dtype=compute_dtype,
                           ignore_fields=ignore_fields)
     tok = _tokenizer(tokenizer, source, cfg.vocab_size)
-    tmp = _fresh(run_dir)
-    try:
+    with new_folder("run_dir", run_dir) as tmp:
         (tmp / MODEL_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         shutil.copyfile(source / "config.json", tmp / SOURCE_CONFIG)
         save_tokenizer(tok, tmp)
@@ -89,10 +73,6 @@ def import_run(source: str | Path, run_dir: str | Path, *, as_osdn: bool = False
         (tmp / "config.json").write_text(json.dumps({"train": to_dict(train), "model": cfg.to_dict(),
                                                      "imported_from": str(source.absolute()),
                                                      "upcycled": as_osdn}, indent=2) + "\n")
-        _commit(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return run_dir
 
 
