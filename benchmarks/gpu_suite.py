@@ -12,17 +12,27 @@ Times are medians (ms) of ``--repeats`` calls after warm-up, with ``block_until_
 algorithm's matmul work (forward; forward+backward counted as 3x forward). "roofline" is the time
 ``benchmarks/roofline.py`` gives at H200 peak divided by the measured forward+backward time.
 Ratios are "their time / our time": ≥ 1 means our kernels are at least as fast.
+
+Then context parallelism (``osdn_jax.ops.context``): a training step (forward+backward) of
+``ops.osdn`` and of a small ``CausalLM`` with the time axis split over every local device (mesh
+``(data=1, context=n)``), against the same step on one device: both times, measured in turn in
+this process, their ratio, and XLA's per-device peak memory of each program. It needs two or more
+local devices and says "skipped" otherwise; ``--smoke`` gives the CPU 2 fake devices, so the smoke
+run takes this path too.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from osdn_jax import get_preset, ops
 from osdn_jax.compare import interleaved_seconds, make_op_inputs, median_seconds, peak_mib
@@ -33,6 +43,10 @@ from roofline import HBM_BYTES_PER_S, PEAK_FLOPS, kernel_costs  # noqa: E402
 
 CONFIGS = [(8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (8, 4096, 8, 64)]
 SMOKE = [(1, 96, 2, 32)]
+# Context parallelism: (B, T, H, K) of the op row; (preset, layers, B, T) of the model row.
+CONTEXT_OP, CONTEXT_MODEL = (1, 32768, 16, 128), ("osdn-340m", 4, 1, 16384)
+CONTEXT_SMOKE_OP, CONTEXT_SMOKE_MODEL = (1, 256, 2, 32), ("tiny", 1, 1, 256)
+SMOKE_CPU_DEVICES = 2
 
 
 def chunk_flops(B, T, H, K, V, C=64) -> float:
@@ -127,6 +141,93 @@ def jla_case(op, a):
     return (lambda: jax.block_until_ready(fwd(a))), (lambda: jax.block_until_ready(fb(a)))
 
 
+# -- context parallelism: one step with time split over every local device, against one device ------
+
+def context_mesh(n: int):
+    """The mesh ``(data=1, context=n)`` over the first ``n`` local devices (``n = 1``: one device, where
+    the ops take their usual path)."""
+    return jax.make_mesh((1, n), ("data", "context"), axis_types=(AxisType.Auto,) * 2,
+                         devices=jax.local_devices()[:n])
+
+
+def packed_segments(B: int, T: int) -> jax.Array:
+    """``[B, T]`` segment ids: three documents per row, whose boundaries fall inside device slices."""
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) * 3 // T, (B, T))
+
+
+def osdn_step(B, T, H, K, dtype, chunk):
+    """``(loss(whole, timed, ints), whole, timed, ints)`` of ``ops.osdn`` (the 'may' preset, packed rows)."""
+    p = get_preset("may")
+    a = make_op_inputs("osdn", B, T, H, K, K, dtype=dtype)
+    d0 = a.pop("d0")
+
+    def loss(whole, timed, ints):
+        o = ops.osdn(timed["q"], timed["k"], timed["v"], timed["beta"], whole["d0"], eta=p.eta, d_min=p.d_min,
+                     d_max=p.d_max, segment_ids=ints["segment_ids"], chunk_size=chunk)[0]
+        return jnp.sum(jnp.square(o.astype(jnp.float32)))
+
+    return loss, {"d0": d0}, a, {"segment_ids": packed_segments(B, T)}
+
+
+def model_step(preset, layers, B, T):
+    """``(loss(params, timed, batch), params, {}, batch)``: a CausalLM's next-token cross-entropy on
+    packed rows of random tokens."""
+    import optax
+    from flax import nnx
+
+    from osdn_jax.model import CausalLM, model_config
+
+    cfg = model_config(preset, num_layers=layers, max_seq_len=T)  # both presets have an OSDN mixer
+    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (B, T + 1), 0, cfg.vocab_size)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": packed_segments(B, T)}
+
+    def loss(params, timed, batch):
+        logits = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]))
+
+    return loss, params, {}, batch
+
+
+def context_run(loss, whole, timed, ints, n: int):
+    """(timed call, compiled) of the jitted gradient of ``loss`` w.r.t. ``whole`` and ``timed`` on
+    ``n`` devices: ``whole`` replicated, ``timed`` and ``ints`` ``[B, T, ...]`` split along T."""
+    mesh = context_mesh(n)
+    put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))  # noqa: E731
+    args = (put(whole, P()), put(timed, P(None, "context")), put(ints, P(None, "context")))
+    with jax.set_mesh(mesh):  # the ops find the context axis while tracing
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+    return (lambda: jax.block_until_ready(compiled(*args))), compiled
+
+
+def context_rows(smoke: bool, dtype: str, repeats: int, chunk: int) -> None:
+    """The context-parallel table, or one line saying why it is skipped."""
+    n = jax.local_device_count()
+    kind = jax.devices()[0].device_kind
+    if n < 2:
+        print(f"context parallelism: skipped ({n} local device, {kind}; it needs 2 or more)")
+        return
+    B, T, H, K = CONTEXT_SMOKE_OP if smoke else CONTEXT_OP
+    preset, layers, mB, mT = CONTEXT_SMOKE_MODEL if smoke else CONTEXT_MODEL
+    steps = {
+        f"op: osdn {dtype}": (f"{B}, {T}, {H}, {K}", functools.partial(osdn_step, B, T, H, K, DTYPES[dtype], chunk)),
+        f"model: {preset}, {layers} layers": (f"{mB}, {mT}", functools.partial(model_step, preset, layers, mB, mT)),
+    }
+    print(f"\ncontext parallelism over {n} devices ({kind}), mesh (data=1, context={n}): forward+backward, "
+          f"time split over context vs the whole step on one device; speed-up = 1-device time / {n}-device time")
+    print("| step | B, T(, H, K) | 1-device f+b ms | context f+b ms | speed-up | 1-device MiB | per-device MiB "
+          "| memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (shape, make) in steps.items():
+        case = make()
+        one, one_compiled = context_run(*case, 1)
+        many, many_compiled = context_run(*case, n)
+        t_one, t_many = interleaved_seconds([one, many], repeats, warmup=2)
+        m_one, m_many = peak_mib(one_compiled), peak_mib(many_compiled)
+        print(f"| {name} | {shape} | {1e3 * t_one:.2f} | {1e3 * t_many:.2f} | {t_one / t_many:.2f} | {m_one:.0f} "
+              f"| {m_many:.0f} | {m_many / m_one:.3f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -134,6 +235,8 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=["deltanet", "gdn", "osdn"])
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     args = ap.parse_args()
+    if args.smoke:  # before any device is touched: the context rows then run on the CPU too
+        jax.config.update("jax_num_cpu_devices", SMOKE_CPU_DEVICES)
     configs = SMOKE if args.smoke else CONFIGS
     repeats = 3 if args.smoke else args.repeats
     chunk = 32 if args.smoke else 64
@@ -173,6 +276,7 @@ def main() -> None:
         print(f"| {op} | {dtype} | {B}, {T}, {H}, {K} | {t_fwd:.2f} | {t_fb:.2f} | {tflops:.1f} | {roof} "
               f"| {fmt(ratios['chunked'])} | {fmt(ratios['fla'])} | {fmt(ratios['jla'])} | {mib} | {fla_mib} "
               f"| {share} |", flush=True)
+    context_rows(args.smoke, args.dtypes[0], repeats, chunk)
 
 
 if __name__ == "__main__":

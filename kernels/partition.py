@@ -10,7 +10,9 @@ Which axes:
   (``jax.typeof(q).sharding``): dim 0 of ``q`` gives the batch axes, dim 2 the head axes. A
   sharded time axis is refused (the kernels need whole sequences).
 - **Auto** axes: types carry no sharding, so the rows go over every mesh axis whose size divides
-  the batch (in mesh order, as ``osdn_jax.train`` shards its batches), heads over none. Override
+  the batch (in mesh order, as ``osdn_jax.train`` shards its batches), heads over none. A
+  ``context`` axis is never a row axis: it splits time (``osdn_jax.ops.context`` runs the kernels
+  per slice there). Override
   with ``with kernel_partition(batch=("data",), heads=("model",)):``.
 - No mesh in context (``jax.set_mesh``), or a one-device mesh: the kernels run as they are.
 """
@@ -85,7 +87,7 @@ def axes_for(q, *, B: int, H: int) -> tuple[object, Axes] | None:
             batch, size = [], 1
             for name in mesh.axis_names:
                 n = mesh.shape[name]
-                if n > 1 and B % (size * n) == 0:
+                if name != "context" and n > 1 and B % (size * n) == 0:
                     batch.append(name)
                     size *= n
             axes = Axes(tuple(batch))

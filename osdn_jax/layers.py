@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from osdn_jax.ops import segments
+from osdn_jax.ops import context, segments
 
 Dtype = jnp.dtype | type
 
@@ -102,6 +102,25 @@ def short_conv(x: jax.Array, weight: jax.Array, doc: jax.Array | None = None,
     return y.astype(x.dtype)
 
 
+def short_conv_slice(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | None = None,
+                     history: jax.Array | None = None, *, axis_name: str = context.CONTEXT_AXIS) -> jax.Array:
+    """``short_conv`` on this device's slice ``x [B, L, D]`` of a sequence split over ``axis_name``
+    (inside ``jax.shard_map``; ``L >= W - 1``): the taps before the slice read the previous device's
+    last ``W - 1`` inputs (a halo exchange; device 0 reads ``history``), and stay inside documents of
+    ``segment_ids [B, L]`` across the device edge."""
+    W = weight.shape[0]
+    x_halo = context.halo(x, W - 1, axis_name, history)
+    doc = None
+    if segment_ids is not None:  # the history belongs to device 0's first document
+        first = jnp.broadcast_to(segment_ids[:, :1], (segment_ids.shape[0], W - 1))
+        ids = jnp.concatenate([context.halo(segment_ids, W - 1, axis_name, first), segment_ids], axis=1)
+        doc = segments.document_index(ids)
+    return short_conv(jnp.concatenate([x_halo, x], axis=1), weight, doc)[:, W - 1:]
+
+
+_CONV_LAYOUTS = dict(x="btd", weight="wd", segment_ids="bt", history="bwd")  # for context.run_sharded
+
+
 class ShortConv(nnx.Module):
     """Causal depthwise short convolution (kernel ``width``, no bias) with a decode state.
 
@@ -118,7 +137,13 @@ class ShortConv(nnx.Module):
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
                  history: jax.Array | None = None) -> jax.Array:
         """``x [B, T, D]`` → ``[B, T, D]``, continuing after ``history [B, W-1, D]`` when given; taps
-        stay inside each document of ``segment_ids [B, T]``."""
+        stay inside each document of ``segment_ids [B, T]``. Under a mesh with a ``context`` axis the
+        time axis stays split: each device exchanges a ``W - 1`` token halo (``short_conv_slice``)."""
+        B, T, _ = x.shape
+        cp = context.context_mesh(B)
+        if cp is not None and -(-T // cp[0].shape[context.CONTEXT_AXIS]) >= self.width - 1:
+            args = dict(x=x, weight=self.weight[...], segment_ids=segment_ids, history=history)
+            return context.run_sharded(short_conv_slice, args, _CONV_LAYOUTS, "btd", T=T, mesh=cp[0], batch=cp[1])
         doc = None if segment_ids is None else segments.document_index(segment_ids)
         return short_conv(x, self.weight[...], doc, history)
 

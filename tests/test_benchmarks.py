@@ -45,3 +45,18 @@ def test_convert_memory_smoke(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| single") or line.startswith("| sharded")]
     assert len(rows) == 2, out.stdout
+
+
+def test_context_memory_smoke():
+    """Per-device peak of a forward+backward with time split over 8 (fake CPU) devices: below 2/8 of
+    one device's (measured ~0.15; the ideal is 1/8). Without the context-parallel ops, XLA's own
+    partitioning of the sharded inputs leaves the op at ~0.35, so the bound catches a fallback."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "context_memory.py"), "--smoke", "--seq-lens",
+                          "2048"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| op |") or line.startswith("| model |")]
+    assert len(rows) == 4, out.stdout  # op and model, P = 1 and 8
+    peak = {(level, int(p)): float(mib) for level, _, p, mib, *_ in rows}
+    for level in ("op", "model"):
+        assert peak[level, 8] < 0.25 * peak[level, 1], out.stdout

@@ -1,6 +1,8 @@
 """The training stack: configuration and CLI, optimizer pieces, the step, a whole run, exact resume,
-SIGTERM, non-finite steps, 8 fake devices, restore onto another mesh, and 2 processes."""
+SIGTERM, non-finite steps, 8 fake devices, restore onto another mesh, context parallelism (time
+split over a ``context`` mesh axis), and 2 processes."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,11 +19,13 @@ import pytest
 from flax import nnx
 
 from osdn_jax import CausalLM, OSGatedDeltaNetConfig, model_config
-from osdn_jax.train.config import TrainConfig, load_config_file, parse_args
+from osdn_jax.train import data as data_lib
+from osdn_jax.train.config import DataConfig, MeshConfig, TrainConfig, load_config_file, parse_args
 from osdn_jax.train.evaluate import held_out_loss, load_run
-from osdn_jax.train.loop import StopTraining, train
+from osdn_jax.train.loop import StopTraining, _check_context, train
 from osdn_jax.train.metrics import read_metrics
 from osdn_jax.train.optim import decay_mask, learning_rate
+from osdn_jax.train.sharding import batch_sharding, check_batch, make_mesh
 from osdn_jax.train.step import make_train_step
 
 # A very small run: 1 layer, hidden 64, rows of 64 tokens.
@@ -99,6 +103,47 @@ def test_config_file_then_command_line(tmp_path):
     assert (cfg.steps, cfg.model.preset, cfg.model.mixer, cfg.optim.lr) == (7, "small", "gdn", 0.02)
     model = cfg.model.build(vocab_size=300, max_seq_len=64)
     assert (model.vocab_size, model.hidden_size, model.mixer_name) == (300, 512, "gdn")
+
+
+def test_context_mesh_settings_fail_early():
+    """``mesh.context`` splits the time axis: it divides ``data.seq_len`` with 4 or more positions
+    per device; rows go over ``data`` × ``fsdp`` only."""
+    data = DataConfig(batch_size=8, seq_len=64)
+    with pytest.raises(ValueError, match="mesh.context: expected >= 1, got 0"):
+        MeshConfig(context=0)
+    with pytest.raises(ValueError, match="mesh.context: expected a divisor of data.seq_len=64, got 3"):
+        TrainConfig(data=data, mesh=MeshConfig(context=3))
+    with pytest.raises(ValueError, match=r"mesh.context: expected at most data.seq_len / 4 = 16 .*, got 32"):
+        TrainConfig(data=data, mesh=MeshConfig(context=32))
+    with pytest.raises(ValueError, match=r"data.batch_size: expected a multiple of mesh.data · mesh.fsdp = 6 "
+                                         r"\(rows are split over data × fsdp\), got 8"):
+        TrainConfig(data=data, mesh=MeshConfig(data=3, fsdp=2, context=4))
+    TrainConfig(data=data, mesh=MeshConfig(data=8, context=16))  # 4 positions per device; rows over data only
+    assert parse_args(["--mesh.context", "4"]).mesh.context == 4
+    # a short convolution wider than the config's 4 taps needs conv_size - 1 positions per device
+    cfg = TrainConfig(data=data, mesh=MeshConfig(context=16))
+    model = cfg.model.build(vocab_size=257, max_seq_len=64)
+    _check_context(cfg, model)
+    wide = dataclasses.replace(model, mixer=dataclasses.replace(model.mixer, conv_size=8))
+    with pytest.raises(ValueError, match=r"mesh.context: expected at most data.seq_len / 7 = 9 \(the short "
+                                         r"convolution of 8 taps .*got 16"):
+        _check_context(cfg, wide)
+
+
+def test_mesh_has_data_fsdp_context_axes():
+    """One device here (8 in ``test_context_mesh_layout_on_eight_devices``): the mesh always has
+    the three axes; batches put rows on (data, fsdp) and time on context."""
+    mesh = make_mesh(MeshConfig())
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "context": 1}
+    assert set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
+    assert batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"), "context")
+    with pytest.raises(ValueError, match="mesh.fsdp, mesh.context: expected fsdp · context to divide the device "
+                                         "count 1, got 1 · 2"):
+        make_mesh(MeshConfig(context=2))
+    with pytest.raises(ValueError, match=r"mesh.data, mesh.fsdp, mesh.context: expected data · fsdp · context = 1 "
+                                         r"devices, got 2 · 1 · 1"):
+        make_mesh(MeshConfig(data=2))
+    check_batch(3, mesh)
 
 
 def test_paper_recipes_carry_the_paper_settings():
@@ -251,7 +296,7 @@ def test_eight_devices_and_restore_onto_another_mesh(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     eight = _cli(tmp_path / "eight", *common, "--mesh.cpu-devices", "8", "--mesh.fsdp", "4")
     assert eight.returncode == 0, eight.stderr[-3000:]
-    assert "{'data': 2, 'fsdp': 4}" in eight.stdout
+    assert "{'data': 2, 'fsdp': 4, 'context': 1}" in eight.stdout
     ref, sharded = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
     np.testing.assert_allclose([sharded[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=2e-5)
 
@@ -277,6 +322,102 @@ def test_pallas_kernels_train_on_eight_devices(tmp_path):
     assert eight.returncode == 0, eight.stderr[-3000:]
     ref, sharded = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
     np.testing.assert_allclose([sharded[s] for s in (1, 2)], [ref[s] for s in (1, 2)], rtol=2e-5)
+
+
+# -- context parallelism: the time axis of every row split over the `context` mesh axis --------
+
+_LAYOUT_CHECK = """
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+import numpy as np
+from osdn_jax.train.config import MeshConfig
+from osdn_jax.train.sharding import check_batch, global_batch, make_mesh
+mesh = make_mesh(MeshConfig(fsdp=2, context=2))
+assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 2}, mesh.shape
+assert [[d.id for d in g] for g in mesh.devices.reshape(-1, 2)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+rows = np.arange(8 * 64, dtype=np.int32).reshape(8, 64)
+x = global_batch({"inputs": rows}, mesh)["inputs"]
+assert x.shape == (8, 64) and x.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "context")
+np.testing.assert_array_equal(np.asarray(x), rows)
+shards = {s.device.id: (s.index[0].start, s.index[1].start, s.data.shape) for s in x.addressable_shards}
+assert shards[0] == (0, 0, (2, 32)) and shards[1] == (0, 32, (2, 32)) and shards[7] == (6, 32, (2, 32)), shards
+try:
+    check_batch(6, mesh)
+    raise AssertionError("6 rows over data x fsdp = 4")
+except ValueError as e:
+    assert "data.batch_size: expected a multiple of mesh.data · mesh.fsdp = 2 · 2 = 4" in str(e), e
+print("ok")
+"""
+
+
+def test_context_mesh_layout_on_eight_devices():
+    """(data 2, fsdp 2, context 2) on 8 devices: context groups are consecutive devices, each
+    shard of a batch is a block of rows × positions, the global array is the batch."""
+    out = subprocess.run([sys.executable, "-c", _LAYOUT_CHECK], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def _short_documents(path):
+    """A text corpus of 600 documents of 1-6 words (~20 bytes): rows of 64 byte tokens pack
+    several, and documents start anywhere in a row, so across the context devices' blocks."""
+    rng = np.random.default_rng(0)
+    words = "in the beginning god created heaven and earth light darkness day night water".split()
+    path.write_text("\n\n".join(" ".join(rng.choice(words, rng.integers(1, 7))) for _ in range(600)) + "\n")
+    return path
+
+
+def _packed_run_args(tmp_path) -> tuple[str, ...]:
+    """SMALL on the short-document corpus (after checking that its batches pack documents whose
+    boundaries fall inside the blocks of 16 positions that context=4 gives each device)."""
+    corpus = _short_documents(tmp_path / "docs.txt")
+    args = ("--steps", "4", "--checkpoint.every", "0", "--optim.lr", "1e-2", "--data.source", "text",
+            "--data.path", str(corpus))
+    data = _cfg(tmp_path, *args).data
+    seg = next(data_lib.make_train_iterator(data, data_lib.build_tokenizer(data)))["segment_ids"]
+    starts = np.nonzero(np.diff(seg, axis=1) > 0)[1] + 1
+    assert seg.max() >= 3 and len(set(starts % 16)) > 4, seg
+    return args
+
+
+def _check_same_losses(run_dir, ref, rtol=2e-5):
+    got = _losses(run_dir)
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=rtol)
+
+
+def test_context_parallel_training_matches_one_device(tmp_path):
+    """4 steps of packed rows with time split over 4 devices (data 2 × context 4): the losses, the
+    final held-out loss of the in-training eval and ``evaluate``'s are one device's; the sample
+    at the end runs."""
+    args = _packed_run_args(tmp_path)
+    one = _cli(tmp_path / "one", *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ctx = _cli(tmp_path / "ctx", *args, "--mesh.cpu-devices", "8", "--mesh.fsdp", "1", "--mesh.context", "4",
+               "--sample-tokens", "8")
+    assert ctx.returncode == 0, ctx.stderr[-3000:]
+    assert "{'data': 2, 'fsdp': 1, 'context': 4}" in ctx.stdout
+    ref = _losses(tmp_path / "one")
+    _check_same_losses(tmp_path / "ctx", ref)
+    summary, ref_summary = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("ctx", "one"))
+    np.testing.assert_allclose(summary["eval_loss"], ref_summary["eval_loss"], rtol=2e-5)
+    assert summary["sample"].startswith("And God said")
+    model, tokenizer, cfg, step = load_run(tmp_path / "ctx")  # python -m osdn_jax.train.evaluate's loader
+    assert step == 4 and cfg.mesh.context == 4
+    assert held_out_loss(model, cfg, tokenizer, cfg.eval_batches) == pytest.approx(summary["eval_loss"], rel=1e-5)
+
+
+def test_context_parallel_resume_onto_another_context_size(tmp_path):
+    """OS-GDN (gated): 2 steps on (data 2 × context 4), then the rest restored onto (data 2 × fsdp
+    2 × context 2): the losses of one device."""
+    args = (*_packed_run_args(tmp_path), "--model.mixer", "os_gdn")
+    one = _cli(tmp_path / "one", *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    part = _cli(tmp_path / "moved", *args, "--mesh.cpu-devices", "8", "--mesh.context", "4", "--run-steps", "2")
+    assert part.returncode == 0 and "run_steps: saved step 2" in part.stdout, part.stderr[-3000:]
+    assert "os_gdn model" in part.stdout and "{'data': 2, 'fsdp': 1, 'context': 4}" in part.stdout
+    rest = _cli(tmp_path / "moved", *args, "--mesh.cpu-devices", "8", "--mesh.fsdp", "2", "--mesh.context", "2")
+    assert rest.returncode == 0 and "resumed from" in rest.stdout, rest.stderr[-3000:]
+    assert "{'data': 2, 'fsdp': 2, 'context': 2}" in rest.stdout
+    _check_same_losses(tmp_path / "moved", _losses(tmp_path / "one"))
 
 
 def _free_port() -> int:

@@ -125,18 +125,28 @@ class OptimConfig:
         require(self.grad_accum >= 1, "optim.grad_accum", ">= 1", self.grad_accum)
 
 
+# Fewest positions of a row per ``context`` device: the short convolution (4 taps) takes a halo
+# of 3 positions from the previous device.
+MIN_CONTEXT_SHARD = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh ``(data, fsdp)``: batch rows are split over both axes, parameters and optimizer
-    state over ``fsdp`` (their ``embed`` dimension). ``data=-1`` takes every remaining device."""
+    """Device mesh ``(data, fsdp, context)``: batch rows are split over ``data`` × ``fsdp``, the
+    time axis of each row over ``context`` (context parallelism: one long sequence over several
+    devices), parameters and optimizer state over ``fsdp`` (their ``embed`` dimension; replicated
+    over ``data`` and ``context``). ``data=-1`` takes every remaining device:
+    ``data = devices // (fsdp · context)``."""
 
     data: int = -1
     fsdp: int = 1
+    context: int = 1  # devices sharing each row's time axis (a divisor of data.seq_len)
     cpu_devices: int | None = None  # fake CPU devices (jax_num_cpu_devices), for tests and trials
 
     def __post_init__(self):
         require(self.data == -1 or self.data >= 1, "mesh.data", "-1 or >= 1", self.data)
         require(self.fsdp >= 1, "mesh.fsdp", ">= 1", self.fsdp)
+        require(self.context >= 1, "mesh.context", ">= 1", self.context)
         require(self.cpu_devices is None or self.cpu_devices >= 1, "mesh.cpu_devices", "None or >= 1",
                  self.cpu_devices)
 
@@ -215,6 +225,23 @@ class TrainConfig:
         require(self.sample_tokens >= 0, "sample_tokens", ">= 0", self.sample_tokens)
         require(self.data.batch_size % self.optim.grad_accum == 0, "data.batch_size",
                  f"a multiple of optim.grad_accum={self.optim.grad_accum}", self.data.batch_size)
+        self._check_mesh_fits_batch()
+
+    def _check_mesh_fits_batch(self) -> None:
+        """Rows ``[B, T]`` split over ``data`` × ``fsdp`` (``data=-1``: checked once the device
+        count is known, ``sharding.check_batch``) and time over ``context``: each device keeps at
+        least ``MIN_CONTEXT_SHARD`` positions, since the short convolution reads the last 3 of the
+        previous device."""
+        T, P = self.data.seq_len, self.mesh.context
+        require(T % P == 0, "mesh.context", f"a divisor of data.seq_len={T}", P)
+        require(T // P >= MIN_CONTEXT_SHARD, "mesh.context",
+                f"at most data.seq_len / {MIN_CONTEXT_SHARD} = {T // MIN_CONTEXT_SHARD} (each device needs "
+                f"{MIN_CONTEXT_SHARD} or more positions of data.seq_len={T})", P)
+        if self.mesh.data != -1:
+            rows = self.mesh.data * self.mesh.fsdp
+            require(self.data.batch_size % rows == 0, "data.batch_size",
+                    f"a multiple of mesh.data · mesh.fsdp = {rows} (rows are split over data × fsdp)",
+                    self.data.batch_size)
 
 
 # -- config files ------------------------------------------------------------------------------

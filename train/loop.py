@@ -22,7 +22,7 @@ from osdn_jax.train.checkpoint import Checkpointer, restore_params
 from osdn_jax.train.config import TrainConfig, to_dict
 from osdn_jax.train.metrics import MetricsWriter, plot
 from osdn_jax.train.optim import learning_rate, make_optimizer
-from osdn_jax.train.sharding import batch_sharding, global_batch, make_mesh, param_shardings
+from osdn_jax.train.sharding import batch_sharding, check_batch, global_batch, make_mesh, param_shardings
 from osdn_jax.train.step import make_eval_step, make_train_step, mean_loss
 
 
@@ -72,10 +72,24 @@ class _Data:
         return self._mine(next(self.iterator))
 
 
+def _check_context(cfg: TrainConfig, model_cfg) -> None:
+    """Each ``context`` device's positions cover the halo of a short convolution of ``conv_size``
+    taps (``conv_size - 1`` positions of the previous device; the config checks 4 taps)."""
+    mixer, T = model_cfg.mixer, cfg.data.seq_len
+    halo = mixer.conv_size - 1 if getattr(mixer, "short_conv", False) else 0
+    if cfg.mesh.context > 1 and T // cfg.mesh.context < halo:
+        raise ValueError(f"mesh.context: expected at most data.seq_len / {halo} = {T // halo} (the short "
+                         f"convolution of {mixer.conv_size} taps reads {halo} positions of the previous device), "
+                         f"got {cfg.mesh.context}")
+
+
 def _sample(cfg: TrainConfig, graphdef, params, tokenizer) -> str:
-    """A short continuation of ``sample_prompt`` (every process runs it on its own devices)."""
-    if jax.process_count() > 1:  # host copies of the global arrays: generate then runs locally
+    """A short continuation of ``sample_prompt``, on one device of every process and outside the
+    training mesh (like ``python -m osdn_jax.train.evaluate``): the decode steps feed one token per
+    row, which a ``context`` axis cannot split."""
+    if jax.process_count() > 1:  # host copies of the global arrays
         params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+    params = jax.device_put(params, jax.local_devices()[0])
     model = nnx.merge(graphdef, params)
     prompt = [int(t) for t in tokenizer.encode(cfg.sample_prompt)] or [tokenizer.eos_id]
     out = generate(model, [prompt], cfg.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed,
@@ -106,6 +120,8 @@ def train(cfg: TrainConfig) -> dict:
                                                         indent=2))
 
     mesh = make_mesh(cfg.mesh)
+    check_batch(cfg.data.batch_size, mesh)
+    _check_context(cfg, model_cfg)
     make_model = lambda: CausalLM(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731
     graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
     shardings = param_shardings(abstract_params, mesh)
@@ -139,7 +155,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def under_mesh(fn):
         """Trace and run ``fn`` with the mesh in context, so the Pallas kernels split over it
-        (``osdn_jax.kernels.partition``) instead of gathering the batch on every device."""
+        (``osdn_jax.kernels.partition``) instead of gathering the batch on every device, and the
+        delta-rule ops find the ``context`` axis (time split over its devices)."""
 
         def run(*args):
             with jax.set_mesh(mesh):

@@ -11,6 +11,9 @@ states ``[B, H, K, V]`` (fp32), ``d0 [H, K]``, ``d [B, T, H, K]``, ``segment_ids
   and run in the Pallas interpreter elsewhere (``osdn_jax.kernels.kernel_target`` chooses, e.g. to
   lower the real GPU kernels on a CPU host). Arguments the kernels do not cover raise a
   ``ValueError``. Under a mesh they run per device (``osdn_jax.kernels.partition``);
+- under a mesh (``jax.set_mesh``) with a ``context`` axis of size > 1, every path but the reference
+  runs context-parallel: time split over ``context``, rows over the other axes
+  (``osdn_jax.ops.context``);
 - ``"auto"``: the kernels on a GPU target for the (GPU generation, operand dtype) pairs that
   passed the GPU suite (``PALLAS_VERIFIED_ON_GPU``, e.g. ``("sm_90", "bfloat16")``), else
   ``"chunked"``; never under ``precision="ieee"`` (the exact XLA path serves that).
@@ -33,7 +36,7 @@ from osdn_jax.kernels import config as kernel_config
 from osdn_jax.kernels import delta_rule as pallas_delta_rule
 from osdn_jax.kernels import preconditioner as pallas_preconditioner
 from osdn_jax.kernels.partition import run_partitioned
-from osdn_jax.ops import checks
+from osdn_jax.ops import checks, context
 from osdn_jax.ops.chunked import delta_rule_chunked
 from osdn_jax.ops.preconditioner import preconditioner_scan
 from osdn_jax.ops.reference import PreconditionerConfig, delta_rule_reference, osdn_reference
@@ -91,6 +94,14 @@ _KERNEL_STATICS = ("scale", "chunk_size", "precision", "target")
 _delta_rule_pallas = jax.jit(_delta_rule_kernels, static_argnames=_KERNEL_STATICS)
 _preconditioner_pallas = jax.jit(_preconditioner_kernel, static_argnames=("eta", "d_min", "d_max", "target"))
 _osdn_pallas = jax.jit(_osdn_kernels, static_argnames=_KERNEL_STATICS + ("precond",))
+
+
+def _context_call(fn, args: dict, out_layouts, *, path: str, cp, **statics):
+    """``fn`` (a per-device op of ``osdn_jax.ops.context``) over the context mesh ``cp``."""
+    mesh, batch = cp
+    target = kernel_config.current_target() if path == "pallas" else None
+    fn = functools.partial(fn, impl=path, target=target, **statics)
+    return context.run_sharded(fn, args, _LAYOUTS, out_layouts, T=args["k"].shape[1], mesh=mesh, batch=batch)
 
 
 def _osdn_chunked_fn(q, k, v, beta, d0, *, precond, log_gamma=None, log_decay=None, scale, initial_state=None,
@@ -169,7 +180,13 @@ def delta_rule(q, k, v, beta, *, write_key=None, log_decay=None, scale=None, ini
     scale = _scale(scale, K)
     kwargs = dict(write_key=write_key, log_decay=log_decay, scale=scale, initial_state=initial_state,
                   segment_ids=segment_ids)
-    if path == "reference":
+    cp = None if path == "reference" else context.context_mesh(B)
+    if cp is not None:
+        args = dict(q=q, k=k, v=v, beta=beta, write_key=write_key, log_decay=log_decay, initial_state=initial_state,
+                    segment_ids=segment_ids)
+        o, S = _context_call(context.delta_rule, args, ("bthv", "pbhkv"), path=path, cp=cp, scale=scale,
+                             chunk_size=chunk_size, precision=precision)
+    elif path == "reference":
         o, S = _delta_rule_reference(q, k, v, beta, **kwargs)
     elif path == "pallas":
         o, S = _delta_rule_pallas(q, k, v, beta, chunk_size=chunk_size, precision=precision,
@@ -203,6 +220,11 @@ def osdn_preconditioner(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, 
     path = _choose_impl(impl, pallas_preconditioner.supported(K))
     kwargs = dict(eta=cfg.eta, d_min=cfg.d_min, d_max=cfg.d_max, log_gamma=log_gamma, beta=beta,
                   segment_ids=segment_ids, initial_d=initial_d)
+    cp = None if path == "reference" else context.context_mesh(B)
+    if cp is not None:
+        args = dict(k=k, d0=d0, log_gamma=log_gamma, beta=beta, segment_ids=segment_ids, initial_d=initial_d)
+        return _context_call(context.preconditioner, args, ("bthk", "pbhk"), path=path, cp=cp, eta=cfg.eta,
+                             d_min=cfg.d_min, d_max=cfg.d_max)
     if path == "pallas":
         return _preconditioner_pallas(k, d0, target=kernel_config.current_target(), **kwargs)
     return _preconditioner(k, d0, **kwargs)
@@ -228,7 +250,14 @@ def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=Fal
     scale = _scale(scale, K)
     kwargs = dict(precond=cfg, log_gamma=log_gamma, log_decay=log_decay, scale=scale,
                   initial_state=initial_state, initial_d=initial_d, segment_ids=segment_ids)
-    if path == "reference":
+    cp = None if path == "reference" else context.context_mesh(B)
+    if cp is not None:
+        args = dict(q=q, k=k, v=v, beta=beta, d0=d0, log_gamma=log_gamma, log_decay=log_decay,
+                    initial_state=initial_state, initial_d=initial_d, segment_ids=segment_ids)
+        o, S, d_final = _context_call(context.osdn, args, ("bthv", "pbhkv", "pbhk"), path=path, cp=cp, eta=cfg.eta,
+                                      d_min=cfg.d_min, d_max=cfg.d_max, beta_aware=cfg.beta_aware, scale=scale,
+                                      chunk_size=chunk_size, precision=precision)
+    elif path == "reference":
         o, S, d_final, _ = _osdn_reference(q, k, v, beta, d0, **kwargs)
     elif path == "pallas":
         o, S, d_final = _osdn_pallas(q, k, v, beta, d0, chunk_size=chunk_size, precision=precision,

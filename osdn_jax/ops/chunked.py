@@ -198,6 +198,27 @@ def _chunk_core_bwd(has_gate, res, cotangents):
 _chunk_core.defvjp(_chunk_core_fwd, _chunk_core_bwd)
 
 
+def _chunk_layout(q, k, v, beta, *, write_key, log_decay, scale, segment_ids, C):
+    """The chunked fp32 operands of ``_chunk_core``: ``q, k, kw [N, B, H, C, K]``, ``v [N, B, H, C, V]``,
+    ``b, G [N, B, H, C]``, the mask ``within`` and ``carry [N, B, 1, C]`` (None without documents)."""
+    f32 = jnp.float32
+    q_c = _to_chunks(q.astype(f32) * scale, C)
+    k_c = _to_chunks(k.astype(f32), C)
+    kw_c = k_c if write_key is None else _to_chunks(write_key.astype(f32), C)
+    v_c = _to_chunks(v.astype(f32), C)
+    b_c = _to_chunks(beta.astype(f32)[..., None], C)[..., 0]
+
+    within = jnp.tril(jnp.ones((C, C), bool))
+    carry = None
+    if segment_ids is not None:
+        doc, carry = (jnp.moveaxis(x, 1, 0)[:, :, None] for x in chunk_documents(segment_ids, C))  # [N, B, 1, C]
+        within = within & (doc[..., :, None] == doc[..., None, :])  # [N, B, 1, C, C]
+        carry = carry.astype(f32)
+    G = (jnp.cumsum(_to_chunks(log_decay.astype(f32)[..., None], C)[..., 0], axis=-1) if log_decay is not None
+         else jnp.zeros_like(b_c))
+    return q_c, k_c, kw_c, v_c, b_c, G, within, carry
+
+
 def delta_rule_chunked(q, k, v, beta, *, write_key=None, log_decay=None, scale, initial_state=None,
                        segment_ids=None, chunk_size=64):
     """Chunkwise delta rule; same contract as ``reference.delta_rule_reference``.
@@ -206,28 +227,37 @@ def delta_rule_chunked(q, k, v, beta, *, write_key=None, log_decay=None, scale, 
     ``initial_state [B, H, K, V]``, ``segment_ids [B, T]``. Returns ``o [B, T, H, V]`` (dtype of
     v) and the final state ``[B, H, K, V]`` (fp32).
     """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    C = chunk_size_for(T, chunk_size)
+    parts = _chunk_layout(q, k, v, beta, write_key=write_key, log_decay=log_decay, scale=scale,
+                          segment_ids=segment_ids, C=C)
+    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    q_c, k_c, kw_c, v_c, b_c, G, within, carry = parts
+    o, S_final = _chunk_core(log_decay is not None, q_c, k_c, kw_c, v_c, b_c, G, S0, within, carry)
+    return _from_chunks(o, T).astype(v.dtype), S_final
+
+
+def transition_summary(k, v, beta, *, write_key=None, log_decay=None, segment_ids=None, chunk_size=64):
+    """The whole span's state map as an affine function: ``S_final = M S_0 + N`` for every entry state S_0.
+
+    ``k, write_key [B, T, H, K]``, ``v [B, T, H, V]``, ``beta, log_decay [B, T, H]``, ``segment_ids
+    [B, T]``. Returns ``M [B, H, K, K]`` (the product of the transitions ``exp(g_t)(I − β_t k̃_t k_tᵀ)``,
+    zero once a document starts inside the span) and ``N [B, H, K, V]`` (the final state from S_0 = 0),
+    fp32. One serial pass over chunks with K + V state columns: the state ``[M | N]`` starts at ``[I | 0]``
+    and the values are ``[0 | v]``; no outputs are formed.
+    """
     f32 = jnp.float32
     B, T, H, K = k.shape
     V = v.shape[-1]
     C = chunk_size_for(T, chunk_size)
-
-    q_c = _to_chunks(q.astype(f32) * scale, C)  # [N, B, H, C, K]
-    k_c = _to_chunks(k.astype(f32), C)
-    kw_c = k_c if write_key is None else _to_chunks(write_key.astype(f32), C)
-    v_c = _to_chunks(v.astype(f32), C)  # [N, B, H, C, V]
-    b_c = _to_chunks(beta.astype(f32)[..., None], C)[..., 0]  # [N, B, H, C]
-
-    within = jnp.tril(jnp.ones((C, C), bool))
-    carry = None
-    if segment_ids is not None:
-        doc, carry = (jnp.moveaxis(x, 1, 0)[:, :, None] for x in chunk_documents(segment_ids, C))  # [N, B, 1, C]
-        within = within & (doc[..., :, None] == doc[..., None, :])  # [N, B, 1, C, C]
-        carry = carry.astype(f32)
-
-    has_gate = log_decay is not None
-    G = (jnp.cumsum(_to_chunks(log_decay.astype(f32)[..., None], C)[..., 0], axis=-1) if has_gate
-         else jnp.zeros_like(b_c))
-    S0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
-    o, S_final = _chunk_core(has_gate, q_c, k_c, kw_c, v_c, b_c, G, S0, within, carry)
-    return _from_chunks(o, T).astype(v.dtype), S_final
-
+    _, k_c, kw_c, v_c, b_c, G, within, carry = _chunk_layout(
+        k, k, v, beta, write_key=write_key, log_decay=log_decay, scale=1.0, segment_ids=segment_ids, C=C)
+    D, fs, a, _, A = _forward_parts(k_c, k_c, kw_c, v_c, b_c, G if log_decay is not None else None, within, carry)
+    Tm = unit_lower_inverse(A)
+    W = _mm("...ij,...jk->...ik", Tm, (b_c * fs)[..., None] * k_c)
+    U = _mm("...ij,...jv->...iv", Tm, b_c[..., None] * v_c)
+    U_aug = jnp.concatenate([jnp.zeros((*U.shape[:-1], K), f32), U], axis=-1)
+    S0 = jnp.concatenate([jnp.broadcast_to(jnp.eye(K, dtype=f32), (B, H, K, K)), jnp.zeros((B, H, K, V), f32)], -1)
+    _, _, S = _state_pass(W, U_aug, kw_c * D[..., -1, :, None], a, S0)
+    return S[..., :K], S[..., K:]
