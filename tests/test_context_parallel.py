@@ -21,13 +21,13 @@ HERE = pathlib.Path(__file__).parent
 
 def test_context_parallel_equals_one_device():
     """deltanet, gdn, osdn, osdn + APF, os_gdn on context 2 / 4 / 8 and data 2 × context 4, packed
-    documents across device edges, initial state and d; T not a multiple of the context size; the
+    documents across device edges, initial state and d; T not a multiple of the context size; bf16 inputs; the
     kernels per slice; a CausalLM's loss, gradients and prefill cache; the front door refused inside
-    a shard_map that already splits time."""
+    a shard_map that already splits time; the per-device forms inside a user's shard_map (check_vma=True)."""
     out = subprocess.run([sys.executable, str(HERE / "context_check.py")], capture_output=True, text=True,
                          timeout=1500)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert sum(line.startswith("ok ") for line in out.stdout.splitlines()) == 25, out.stdout
+    assert sum(line.startswith("ok ") for line in out.stdout.splitlines()) == 27, out.stdout
 
 
 def _inputs(mesh, B=4, T=256, H=2, K=64):

@@ -101,8 +101,18 @@ def _forward_parts(q, k, kw, v, b, G, within, carry):
     return D, fs, a, KKW, A
 
 
+def match_varying(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` marked as varying over every manual mesh axis ``like`` varies over (inside a
+    ``jax.shard_map`` with ``check_vma=True``): a scan carry that starts equal on every device but
+    meets per-device data. Elsewhere it is ``x``."""
+    varying = lambda a: jax.typeof(a).manual_axis_type.varying  # noqa: E731
+    missing = tuple(sorted(varying(like) - varying(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _state_pass(W, U, KT, a, S0):
     """Serial over chunks: ``V' = U − W S``, ``S ← a S + KTᵀ V'``. Returns entry states, V', last S."""
+    S0 = match_varying(S0, W)
 
     def step(S, xs):
         W, U, KT, a = xs

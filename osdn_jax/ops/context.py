@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from osdn_jax.kernels import delta_rule as pallas_delta_rule
 from osdn_jax.kernels import preconditioner as pallas_preconditioner
 from osdn_jax.kernels.config import Target
-from osdn_jax.ops.chunked import delta_rule_chunked, transition_summary
+from osdn_jax.ops.chunked import delta_rule_chunked, match_varying, transition_summary
 from osdn_jax.ops.preconditioner import preconditioner_scan
 
 CONTEXT_AXIS = "context"
@@ -179,7 +179,7 @@ def delta_rule(q, k, v, beta, *, axis_name: str = CONTEXT_AXIS, write_key=None, 
     st = _Phase2(axis_name, K**-0.5 if scale is None else float(scale), chunk_size, _local_impl(impl), precision,
                  target)
     S_init = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
-    return _delta_rule_cp(st, q, k, write_key, v, beta, log_decay, S_init, segment_ids)
+    return _delta_rule_cp(st, q, k, write_key, v, beta, log_decay, match_varying(S_init, k), segment_ids)
 
 
 # -- phase 1: the preconditioner d -------------------------------------------------------------------
@@ -251,6 +251,7 @@ def preconditioner(k, d0, *, eta, d_min, d_max, axis_name: str = CONTEXT_AXIS, l
     B, L, H, K = k.shape
     st = _Phase1(axis_name, float(eta), d_min, d_max, _local_impl(impl), target)
     d_start = (jnp.broadcast_to(d0.astype(f32), (B, H, K)) if initial_d is None else initial_d.astype(f32))
+    d0, d_start = match_varying(d0, k), match_varying(d_start, k)
     return _preconditioner_cp(st, k, d0, d_start, log_gamma, beta, segment_ids)
 
 
