@@ -9,10 +9,18 @@ restores onto any mesh shape.
 The data iterator's state goes into the JSON metadata when every process reads the same global
 stream (``data_split='rows'``: restorable with any process count) and through grain's own
 per-process checkpoint handler otherwise.
+
+A checkpoint that cannot be read (a damaged file) is skipped for the next older kept one
+(``restore_newest``); the caller then moves it to ``<step>.damaged`` (``set_aside``), which orbax
+ignores, so the step can be saved again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grain
@@ -20,6 +28,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from osdn_jax.train.config import CheckpointConfig
+
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+class CheckpointError(ValueError):
+    """No kept checkpoint of the run can be read."""
 
 
 def _abstract(tree):
@@ -50,20 +65,41 @@ def restore_params(directory: str | Path, params):
 
 
 class Checkpointer:
-    """``save`` / ``restore`` of one run's state in ``directory``."""
+    """``save`` / ``restore`` of one run's state in ``directory``. Nothing is written (the folder
+    is not even created) before the first ``save``."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, per_process_data: bool):
         self.directory = Path(directory).absolute()
         self.per_process_data = per_process_data
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
-                                               create=True)
+                                               create=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        """The kept steps, oldest first."""
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def reload(self) -> None:
+        """Re-reads the folder (after steps were moved away)."""
+        self.manager.reload()
+
+    def newest_meta(self) -> tuple[int, dict] | None:
+        """``(step, meta)`` of the newest checkpoint whose metadata (counters, config) can be read."""
+        for step in reversed(self.steps()):
+            with _quiet():
+                try:
+                    return step, dict(self.manager.restore(step, args=ocp.args.Composite(
+                        meta=ocp.args.JsonRestore()))["meta"])
+                except Exception:  # noqa: BLE001 - a damaged step: try the next older one
+                    _drop_read_debris()
+        return None
+
     def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
         """Starts an asynchronous save of ``step`` (``wait`` blocks until it is committed)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         meta = dict(meta)
         items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state))
         if self.per_process_data:
@@ -86,9 +122,123 @@ class Checkpointer:
             data_iterator.set_state(meta.pop("data_state"))
         return restored["params"], restored["opt_state"], meta
 
+    def restore_newest(self, params, opt_state, data_iterator, agree: Callable[[bool], bool] = bool):
+        """The newest checkpoint that can be read, as ``(step, params, opt_state, meta, unreadable)``
+        with ``unreadable`` the ``(step, reason)`` of each newer one that could not; None when there
+        is no checkpoint. ``agree(ok)`` makes every process take the same step (all must read it).
+        When none can be read: a ``CheckpointError`` naming each step and why."""
+        unreadable = []
+        for step in reversed(self.steps()):
+            with _quiet():
+                try:
+                    restored, reason = self.restore(step, params, opt_state, data_iterator), None
+                except Exception as e:  # noqa: BLE001 - damaged files raise ValueError, OSError or a plain Exception
+                    restored, reason = None, describe(e)
+                    _drop_read_debris()
+            if agree(restored is not None):
+                return (step, *restored, unreadable)
+            unreadable.append((step, reason or "another process could not read it"))
+        if unreadable:
+            reasons = "; ".join(f"step {s}: {r}" for s, r in unreadable)
+            raise CheckpointError(f"checkpoint: no checkpoint in {self.directory} can be read ({reasons}). To start "
+                                  f"over, pass --checkpoint.resume False (the unreadable checkpoints are moved "
+                                  f"aside), or use another --run-dir")
+        return None
+
+    def set_aside(self, step: int) -> Path:
+        """Moves the (unreadable) ``step`` to ``<step>.damaged`` (``-2``, ... if taken), which the
+        manager ignores; returns the new path. Process 0 only; then ``reload`` on every process."""
+        dest = self.directory / f"{step}{DAMAGED_SUFFIX}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.directory / f"{step}{DAMAGED_SUFFIX}-{n}"
+        (self.directory / str(step)).rename(dest)
+        return dest
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_newest_params(manager: ocp.CheckpointManager, target, directory) -> tuple[int, dict]:
+    """``(step, params)`` of the newest checkpoint of ``manager`` whose parameters can be read into
+    ``target``; an unreadable newer one is named in a warning (stderr) with the step used instead. A
+    ``CheckpointError`` naming each step and why when none can be read."""
+    unreadable = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        with _quiet():
+            try:
+                params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+            except Exception as e:  # noqa: BLE001 - damaged files raise ValueError, OSError or a plain Exception
+                unreadable.append((step, describe(e)))
+                _drop_read_debris()
+                continue
+        for bad, reason in unreadable:
+            print(f"warning: checkpoint step {bad} cannot be read ({reason}); using step {step} instead",
+                  file=sys.stderr)
+        return step, params["params"]
+    reasons = "; ".join(f"step {s}: {r}" for s, r in unreadable)
+    raise CheckpointError(f"checkpoint: no checkpoint in {directory} can be read ({reasons})")
+
+
+def describe(error: BaseException) -> str:
+    """The first line of the innermost cause of ``error`` (orbax wraps tensorstore's read errors in
+    long messages), at most 300 characters."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _PartialRestoreNotes(logging.Filter):
+    """Drops orbax's notes on the items a read leaves out on purpose (``newest_meta``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "could not be restored" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Around one read: orbax's notes are dropped; if the read fails, so is what it leaves behind."""
+    logger, notes = logging.getLogger("absl"), _PartialRestoreNotes()
+    logger.addFilter(notes)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notes)
+
+
+def _is_read_debris(exc_type, exc, obj=None) -> bool:
+    """What a failed orbax read leaves: its other reads' coroutines, collected later with their own
+    errors, and tensorstore's callbacks into the event loop orbax has closed."""
+    code = getattr(obj, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+class _ReadDebrisLogs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("exception was never retrieved" in record.getMessage() and "orbax" in record.getMessage())
+
+
+_debris_dropped = False
+
+
+def _drop_read_debris() -> None:
+    """Once a read has failed (and was reported in one line): its leftovers, reported by asyncio,
+    ``sys.unraisablehook`` or ``sys.excepthook`` at some later moment (often at exit), are dropped;
+    everything else still goes to the hooks that were there."""
+    global _debris_dropped
+    if _debris_dropped:
+        return
+    _debris_dropped = True
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda u: None if _is_read_debris(u.exc_type, u.exc_value, u.object) else unraisable(u)
+    sys.excepthook = lambda t, v, tb: None if _is_read_debris(t, v) else excepthook(t, v, tb)
+    logging.getLogger("asyncio").addFilter(_ReadDebrisLogs())

@@ -8,13 +8,16 @@ command line or in the file) and bad values fail before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 import sys
 import typing
 from pathlib import Path
 
 from osdn_jax.model import ModelConfig, model_config
 from osdn_jax.ops.checks import require
+from osdn_jax.train import sources
 from osdn_jax.train.data import DataConfig
 
 
@@ -25,19 +28,19 @@ class ModelSettings:
     ``vocab_size`` always comes from the tokenizer. ``None`` keeps the preset's value.
     """
 
-    preset: str = "tiny"
+    preset: str = "tiny"  # tiny | small | {deltanet,gdn,osdn,osdn-apf,os-gdn,attention}-{340m,1.3b}
     mixer: str | None = None  # deltanet | gdn | osdn | os_gdn | attention (its default config)
     osdn_preset: str | None = None  # OSDN mixers: apr | may
     apf: bool | None = None  # OSDN mixers: the forgetting gate
     beta_aware: bool | None = None  # OSDN mixers: the β-aware hypergradient
     impl: str | None = None  # delta-rule mixers' ops path: auto | reference | chunked | pallas
-    chunk_size: int | None = None
+    chunk_size: int | None = None  # delta-rule mixers: tokens per chunk of the chunked / pallas paths
     precision: str | None = None  # Pallas kernels' multiply policy: tf32 | ieee (None: by compute dtype)
-    hidden_size: int | None = None
-    num_layers: int | None = None
-    num_heads: int | None = None
-    compute_dtype: str | None = None  # float32 | bfloat16
-    remat: bool | None = None
+    hidden_size: int | None = None  # model width
+    num_layers: int | None = None  # blocks
+    num_heads: int | None = None  # heads per mixer
+    compute_dtype: str | None = None  # float32 | bfloat16 (parameters and optimizer state stay fp32)
+    remat: bool | None = None  # recompute each block in the backward pass (less memory)
     # A ModelConfig JSON (``model.json``, written by ``python -m osdn_jax.convert import``) replacing
     # the preset; a relative path is taken from the run directory. Its vocab size is kept.
     config_path: str | None = None
@@ -105,13 +108,13 @@ class OptimConfig:
     """AdamW with linear warmup and cosine decay to ``min_lr_ratio · lr``; global-norm clipping.
     Weight decay skips norms, biases and the mixers' d0 / A_log / dt_bias."""
 
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    lr: float = 3e-3  # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1  # the cosine decay ends at min_lr_ratio · lr on the last step
+    warmup_steps: int = 50  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
+    b1: float = 0.9  # Adam β1
+    b2: float = 0.95  # Adam β2
+    eps: float = 1e-8  # Adam ε
     grad_clip: float = 1.0  # 0 turns clipping off
     grad_accum: int = 1  # micro-batches per step (the batch is split along rows)
 
@@ -138,8 +141,8 @@ class MeshConfig:
     over ``data`` and ``context``). ``data=-1`` takes every remaining device:
     ``data = devices // (fsdp · context)``."""
 
-    data: int = -1
-    fsdp: int = 1
+    data: int = -1  # devices the batch rows are split over (-1: devices // (fsdp · context))
+    fsdp: int = 1  # devices the rows, parameters and optimizer state are split over
     context: int = 1  # devices sharing each row's time axis (a divisor of data.seq_len)
     cpu_devices: int | None = None  # fake CPU devices (jax_num_cpu_devices), for tests and trials
 
@@ -156,10 +159,10 @@ class DistConfig:
     """Multi-host runs through ``jax.distributed.initialize``. With ``enabled`` and no address, JAX
     detects the cluster (SLURM, Open MPI, Kubernetes...); otherwise give all three fields."""
 
-    enabled: bool = False
+    enabled: bool = False  # start JAX's multi-process runtime (several hosts)
     coordinator: str | None = None  # host:port of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_processes: int | None = None  # processes in the run, one per host
+    process_id: int | None = None  # this process: 0 .. num_processes - 1
     cpu_collectives: str = "gloo"  # CPU backend collectives across processes
 
 
@@ -169,9 +172,9 @@ class CheckpointConfig:
     restarts from the newest one (``resume``); SIGTERM saves one before exiting."""
 
     every: int = 200  # steps between saves (0: only at the end)
-    keep: int = 3
-    resume: bool = True
-    async_save: bool = True
+    keep: int = 3  # newest checkpoints kept
+    resume: bool = True  # start from the newest checkpoint in run_dir, if there is one
+    async_save: bool = True  # write checkpoints in the background while training goes on
 
     def __post_init__(self):
         require(self.every >= 0, "checkpoint.every", ">= 0", self.every)
@@ -183,24 +186,26 @@ class LogConfig:
     """Progress bar on process 0, ``metrics.jsonl`` and ``loss.png`` in the run directory."""
 
     every: int = 10  # steps between metric rows
-    progress: bool = True
-    plot: bool = True
+    progress: bool = True  # progress bar (step, loss, tokens/s, ETA)
+    plot: bool = True  # draw loss.png
+
+
+def _source_from_suffix(path: str) -> str | None:
+    """The ``data.source`` that ``path``'s suffix names (``.jsonl`` -> jsonl), or None."""
+    suffixes = {"text": sources.TEXT_SUFFIXES, "jsonl": sources.JSONL_SUFFIXES, "npy": (".npy",), "bin": (".bin",)}
+    return next((kind for kind, ends in suffixes.items() if path.endswith(ends)), None)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run. With no arguments: the ``tiny`` OSDN model on the embedded corpus (CPU,
-    a few minutes), then held-out perplexity, a checkpoint and a sample.
+    a few minutes), then held-out perplexity, a checkpoint and a sample."""
 
-    ``data.batch_size`` is the global batch (rows per step over all processes). ``data_split``:
-    ``rows`` (every process builds the global batch and keeps its rows, so batches do not depend on
-    the process count) or ``documents`` (each process reads only its share of the documents).
-    """
-
-    run_dir: str = "runs/tiny-osdn"
-    steps: int = 600
+    run_dir: str = "runs/tiny-osdn"  # the run's folder: config, tokenizer, checkpoints, metrics, plots
+    steps: int = 600  # optimizer steps of the whole run (the learning-rate schedule ends there)
     seed: int = 42  # parameter init (the data order has its own data.seed)
     model: ModelSettings = ModelSettings()
+    #: Where the data comes from, its tokenizer, and the shape of a batch.
     data: DataConfig = DataConfig(batch_size=16, seq_len=256)
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
@@ -208,12 +213,14 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     eval_every: int = 200  # steps between held-out evaluations (0: only at the end)
-    eval_batches: int = 8
+    eval_batches: int = 8  # held-out batches per evaluation
     run_steps: int | None = None  # stop after this many steps in this invocation (with a checkpoint)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    data_split: str = "rows"  # rows: each process reads the global batch, keeps its rows | documents
-    sample_prompt: str = "And God said"
-    sample_tokens: int = 200  # 0: no sample at the end
+    #: how processes share the data: rows (each reads the global batch and keeps its rows, so batches
+    #: do not depend on the process count) | documents (each reads only its share of the documents)
+    data_split: str = "rows"
+    sample_prompt: str = "And God said"  # the text the end-of-run sample continues
+    sample_tokens: int = 200  # tokens sampled at the end (0: no sample)
 
     def __post_init__(self):
         require(self.steps >= 1, "steps", ">= 1", self.steps)
@@ -225,7 +232,16 @@ class TrainConfig:
         require(self.sample_tokens >= 0, "sample_tokens", ">= 0", self.sample_tokens)
         require(self.data.batch_size % self.optim.grad_accum == 0, "data.batch_size",
                  f"a multiple of optim.grad_accum={self.optim.grad_accum}", self.data.batch_size)
+        self._check_data_path()
         self._check_mesh_fits_batch()
+
+    def _check_data_path(self) -> None:
+        """The embedded corpus reads no file, so a ``data.path`` with it would be silently ignored."""
+        if self.data.source == "embedded" and self.data.path:
+            kind = _source_from_suffix(self.data.path)
+            hint = f" (its suffix says --data.source {kind})" if kind else ""
+            raise ValueError(f"data.path={self.data.path!r} needs data.source text, jsonl, npy or bin{hint}: "
+                             "data.source='embedded' (the default) is the packaged corpus, which reads no path")
 
     def _check_mesh_fits_batch(self) -> None:
         """Rows ``[B, T]`` split over ``data`` × ``fsdp`` (``data=-1``: checked once the device
@@ -289,8 +305,18 @@ def load_config_file(path: str | Path) -> TrainConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"--config: {path} is not valid JSON ({e})") from None
     if isinstance(values, dict) and isinstance(values.get("train"), dict):  # a run's config.json
-        values = values["train"]
+        values = run_settings(values)
     return _from_dict(TrainConfig, values, "")
+
+
+def run_settings(saved: dict) -> dict:
+    """The ``train`` entry of a run's ``config.json``. Runs recorded before ``data.path`` was checked
+    may pair the embedded source with a path, which that source never read: the path is dropped."""
+    values = saved["train"]
+    data = values.get("data")
+    if isinstance(data, dict) and data.get("source", "embedded") == "embedded" and data.get("path"):
+        values = {**values, "data": {**data, "path": None}}
+    return values
 
 
 def _take_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
@@ -305,10 +331,73 @@ def _take_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+# -- the command line --------------------------------------------------------------------------
+
+PROG = "python -m osdn_jax.train"
+
+# ``--help`` for the data flags. ``DataConfig`` (train/data.py) documents its fields in a table in
+# its docstring, which tyro does not read per field; these entries replace the table's where the
+# command line needs other words.
+DATA_FLAG_HELP = {
+    "source": "embedded (the packaged KJV excerpt; takes no data.path) | text | jsonl | npy | bin",
+    "path": "what data.source reads: a file, or a folder searched recursively for *.txt(.gz) (text), "
+            "*.jsonl(.gz) (jsonl), *.npy or *.bin files; required by every source but embedded",
+    "batch_size": "the global batch: rows per step over all processes and devices, split over "
+                  "mesh.data × mesh.fsdp devices (each row's seq_len positions over mesh.context)",
+}
+
+
+def _docstring_table(cls) -> dict[str, str]:
+    """``{field: text}`` from the ``field:   text`` table of ``cls``'s docstring (continuation
+    lines are indented under the text)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    table: dict[str, list[str]] = {}
+    name = None
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        m = re.match(r"(\w+):\s+(\S.*)", line)
+        if m and m.group(1) in names:
+            name = m.group(1)
+            table[name] = [m.group(2)]
+        elif name is not None and line.startswith(" ") and line.strip():
+            table[name].append(line.strip())
+        else:
+            name = None
+    return {k: " ".join(v).rstrip(".") for k, v in table.items()}
+
+
+def data_flag_help() -> dict[str, str]:
+    """The ``--help`` line of every ``--data.*`` flag (a field missing from both gets none)."""
+    return {**_docstring_table(DataConfig), **DATA_FLAG_HELP}
+
+
+def _cli_registry():
+    """tyro's rules, plus one giving ``DataConfig``'s fields their help (``data_flag_help``)."""
+    import tyro
+
+    registry = tyro.constructors.ConstructorRegistry()
+
+    @registry.struct_rule
+    def data_config(info: tyro.constructors.StructTypeInfo):
+        if info.type is not DataConfig:
+            return None
+        default = info.default if isinstance(info.default, DataConfig) else DataConfig()
+        types_, helps = _field_types(DataConfig), data_flag_help()
+        fields = tuple(tyro.constructors.StructFieldSpec(name=f.name, type=types_[f.name],
+                                                         default=getattr(default, f.name), helptext=helps.get(f.name))
+                       for f in dataclasses.fields(DataConfig))
+        return tyro.constructors.StructConstructorSpec(instantiate=DataConfig, fields=fields)
+
+    return registry
+
+
+def _prog() -> str:
+    """The command as typed: ``osdn-train`` (the installed script) or ``python -m osdn_jax.train``."""
+    return "osdn-train" if Path(sys.argv[0]).name == "osdn-train" else PROG
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """``--config FILE`` (optional, JSON) or ``--recipe NAME`` (a paper run), then command-line
-    overrides such as ``--steps 100
-    --model.preset small --data.source text --data.path corpus/``."""
+    overrides such as ``--steps 100 --model.preset small --data.source text --data.path corpus/``."""
     import tyro
 
     from osdn_jax.train.recipes import RECIPES, get_recipe
@@ -323,11 +412,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         default = load_config_file(config_file)
     elif recipe is not None:
         default = get_recipe(recipe)
-    description = ((TrainConfig.__doc__ or "") + "\n\n--config FILE: a JSON file with any subset of the fields."
-                   f"\n--recipe NAME: a paper run ({', '.join(RECIPES)}); flags override its fields.")
-    return tyro.cli(TrainConfig, args=argv, default=default, description=description,
-                    config=(tyro.conf.FlagConversionOff,))
+    description = (inspect.cleandoc(TrainConfig.__doc__ or "")
+                   + "\n\n--config FILE    a JSON file with any subset of the fields, or a run's config.json"
+                   + f"\n--recipe NAME    a paper run ({', '.join(RECIPES)}); flags override its fields")
+    return tyro.cli(TrainConfig, args=argv, default=default, prog=_prog(), description=description,
+                    config=(tyro.conf.FlagConversionOff,), registry=_cli_registry())
 
 
 __all__ = ["CheckpointConfig", "DataConfig", "DistConfig", "LogConfig", "MeshConfig", "ModelSettings",
-           "OptimConfig", "TrainConfig", "from_dict", "load_config_file", "parse_args", "to_dict"]
+           "OptimConfig", "TrainConfig", "data_flag_help", "from_dict", "load_config_file", "parse_args",
+           "to_dict"]

@@ -431,13 +431,14 @@ def pretokenize(cfg: DataConfig, tokenizer: Tokenizer, out_path: str | Path) -> 
 # Tokenizer
 
 
-def build_tokenizer(cfg: DataConfig, run_dir: str | Path | None = None) -> Tokenizer:
+def build_tokenizer(cfg: DataConfig, run_dir: str | Path | None = None, *, save: bool = True) -> Tokenizer:
     """The run's tokenizer, recorded in ``run_dir/tokenizer.json``.
 
     If ``run_dir`` already records one (a resumed run, evaluation, sampling) it is loaded as is.
     Otherwise: ``tokenizer_path`` if given, else a fresh ``byte`` / ``tiktoken`` tokenizer, or a
     BPE trained on the training split's documents (text sources only). A new tokenizer is saved
-    to ``run_dir`` when one is given.
+    to ``run_dir`` when one is given and ``save`` (the training loop saves it itself, once its
+    checks of the run directory have passed).
 
     With several processes, train a BPE on one process (or beforehand) and pass the run
     directory or ``tokenizer_path`` to the others, so they cannot disagree.
@@ -462,11 +463,21 @@ def build_tokenizer(cfg: DataConfig, run_dir: str | Path | None = None) -> Token
         train, _ = split_documents(len(texts), cfg.eval_fraction)
         tok, where = train_bpe((texts[i] for i in train), cfg.bpe_vocab_size), ""
     if tok.kind != cfg.tokenizer:
-        raise ValueError(f"DataConfig.tokenizer is {cfg.tokenizer!r} but {where} holds a {tok.kind!r} tokenizer")
+        raise ValueError(f"DataConfig.tokenizer is {cfg.tokenizer!r} but {where} holds a {tok.kind!r} tokenizer"
+                         + _run_dir_hint(where))
     if cfg.tokenizer == "tiktoken" and tok.encoding != cfg.tiktoken_encoding:
         raise ValueError(
             f"DataConfig.tiktoken_encoding is {cfg.tiktoken_encoding!r} but {where} holds {tok.encoding!r}"
+            + _run_dir_hint(where)
         )
-    if run_dir is not None and not (Path(run_dir) / TOKENIZER_FILE).is_file():
+    if save and run_dir is not None and not (Path(run_dir) / TOKENIZER_FILE).is_file():
         save_tokenizer(tok, run_dir)
     return tok
+
+
+def _run_dir_hint(where: str) -> str:
+    """The ways out when a run directory's ``tokenizer.json`` does not fit the config."""
+    if not where.startswith("run_dir "):
+        return ""
+    return (f" ({TOKENIZER_FILE}); give the same tokenizer settings, use another --run-dir, or pass "
+            f"--checkpoint.resume False to start over there (the old tokenizer is moved aside)")

@@ -42,8 +42,8 @@ from flax import nnx
 from osdn_jax.generate import generate
 from osdn_jax.model import CausalLM
 from osdn_jax.train import data as data_lib, report
-from osdn_jax.train.checkpoint import restore_params
-from osdn_jax.train.config import TrainConfig, from_dict
+from osdn_jax.train.checkpoint import restore_newest_params, restore_params
+from osdn_jax.train.config import TrainConfig, from_dict, run_settings
 from osdn_jax.train.step import make_eval_step, mean_loss
 from osdn_jax.train.tokenizer import Tokenizer, load_tokenizer
 
@@ -53,7 +53,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[CausalLM, To
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ValueError(f"run_dir: {run_dir} holds no config.json (not a training run directory)")
-    cfg = from_dict(json.loads((run_dir / "config.json").read_text())["train"])
+    cfg = from_dict(run_settings(json.loads((run_dir / "config.json").read_text())))
     tokenizer = load_tokenizer(run_dir)
     model_cfg = cfg.model.build(tokenizer.vocab_size, cfg.data.seq_len, run_dir)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
@@ -68,7 +68,12 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[CausalLM, To
         return nnx.merge(graphdef, params), tokenizer, cfg, 0
     if not steps:
         raise ValueError(f"run_dir: {run_dir}/checkpoints holds no checkpoint")
-    step = max(steps) if step is None else step
+    if step is None:  # the newest readable one (a damaged newer one is named in a warning)
+        try:
+            step, params = restore_newest_params(manager, target, run_dir / "checkpoints")
+        finally:
+            manager.close()
+        return nnx.merge(graphdef, params), tokenizer, cfg, step
     if step not in steps:
         raise ValueError(f"step: no checkpoint for step {step} in {run_dir}; saved steps are {sorted(steps)}")
     params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
@@ -127,11 +132,11 @@ def _positive(name: str, value: int | None, allow_none: bool = True) -> None:
 
 
 def _sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default=None, help="default: the run's sample_prompt")
+    p.add_argument("--prompt", default=None, help="text the sample continues (default: the run's sample_prompt)")
     p.add_argument("--tokens", type=int, default=200, help="tokens to sample, default 200 (0: no sample)")
-    p.add_argument("--temperature", type=float, default=0.8, help="default 0.8 (0: greedy)")
-    p.add_argument("--top-k", type=int, default=40, help="default 40")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, default 0.8 (0: greedy)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens, default 40")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, default 0")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches, default 8 (0: no evaluation)")
 
 
@@ -172,7 +177,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's seq_len)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch (8)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _check_data_flags(args: argparse.Namespace) -> str:
@@ -269,7 +274,7 @@ def _recall_arguments(p: argparse.ArgumentParser) -> None:
                    help="optional field: the passage that the text starts with (context; '' for none)")
     p.add_argument("--key-field", default="key",
                    help="optional field: the attribute the text ends with as 'key:' (key; '' for none)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _recall(args: argparse.Namespace) -> None:
@@ -339,11 +344,17 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def _help_epilog() -> str:
+    """The module doc for ``--help``: the command forms and the notes after them, up to the notes
+    for developers ("Adding a command")."""
+    user_part = __doc__.split("\nAdding a command:")[0]
+    return user_part.split("\n\n", 1)[1].replace("``", "").strip("\n").rstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m osdn_jax.train.evaluate",
                                 description="Evaluate a training run from its directory; results go to RUN_DIR/eval/.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[3:12]))
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_help_epilog())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         c = sub.add_parser(name, help=cmd.help, description=cmd.help)

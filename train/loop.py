@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -17,13 +19,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from osdn_jax.generate import generate
 from osdn_jax.model import CausalLM
-from osdn_jax.train import data as data_lib
+from osdn_jax.train import data as data_lib, run_dir as run_dir_lib
 from osdn_jax.train.checkpoint import Checkpointer, restore_params
 from osdn_jax.train.config import TrainConfig, to_dict
-from osdn_jax.train.metrics import MetricsWriter, plot
+from osdn_jax.train.metrics import MetricsWriter, keep_rows_until, plot
 from osdn_jax.train.optim import learning_rate, make_optimizer
 from osdn_jax.train.sharding import batch_sharding, check_batch, global_batch, make_mesh, param_shardings
 from osdn_jax.train.step import make_eval_step, make_train_step, mean_loss
+from osdn_jax.train.tokenizer import TOKENIZER_FILE, tokenizer_from_dict
 
 
 class StopTraining(RuntimeError):
@@ -97,28 +100,135 @@ def _sample(cfg: TrainConfig, graphdef, params, tokenizer) -> str:
     return cfg.sample_prompt + tokenizer.decode(out.as_lists()[0])
 
 
+def _all_processes(ok: bool) -> bool:
+    """True where every process says ``ok`` (on one process: ``ok``)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _check_run_dir(cfg: TrainConfig, run: run_dir_lib.RunDir, ckpt: Checkpointer) -> bool:
+    """Refuses a resume whose settings differ from the run's in ``run_dir.KEPT_FIELDS`` (the
+    checkpoints' own record, else config.json), or, before the first checkpoint, from the run's
+    tokenizer.json in ``TOKENIZER_FIELDS``. Returns whether the run's tokenizer.json is used."""
+    new = to_dict(cfg)
+    if not cfg.checkpoint.resume:  # starting over: the tokenizer stays if it is the one asked for
+        return (run.has_tokenizer and run.saved_train is not None
+                and not run_dir_lib.differences(run.saved_train, new, run_dir_lib.TOKENIZER_FIELDS))
+    steps = ckpt.steps()
+    if steps:
+        newest = ckpt.newest_meta()
+        old = newest[1].get("config") if newest else None
+        old = old or run.saved_train
+        if old is not None:
+            run_dir_lib.check(run.path, old, new, run_dir_lib.KEPT_FIELDS,
+                              f"its checkpoints (newest: step {steps[-1]}) were trained with other settings")
+    elif run.has_tokenizer and run.saved_train is not None:
+        run_dir_lib.check(run.path, run.saved_train, new, run_dir_lib.TOKENIZER_FIELDS,
+                          "its tokenizer.json was built with other settings")
+    return True
+
+
+def _tokenizer(cfg: TrainConfig, run_dir: Path | None, is_main: bool):
+    """The run's tokenizer, in memory (``run_dir``: load the run's own record): process 0 builds it
+    (a BPE is trained) and sends it to the others. It is written once the checks have passed."""
+    if jax.process_count() == 1:
+        return data_lib.build_tokenizer(cfg.data, run_dir, save=False)
+    blob = b""
+    if is_main:
+        try:
+            blob = json.dumps(data_lib.build_tokenizer(cfg.data, run_dir, save=False).to_dict()).encode()
+        except Exception:
+            multihost_utils.broadcast_one_to_all(np.int32(-1))
+            raise
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(blob))))
+    if size < 0:
+        raise ValueError("tokenizer: process 0 could not build it (see its error)")
+    buf = np.frombuffer(blob, np.uint8) if is_main else np.zeros(size, np.uint8)
+    blob = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8).tobytes()
+    return tokenizer_from_dict(json.loads(blob.decode()))
+
+
+def _summary_lines(summary: dict, run_dir: Path) -> str:
+    return "\n".join([
+        "", "summary",
+        f"  steps            {summary['steps']} ({summary['skipped_steps']} skipped)",
+        f"  tokens           {summary['tokens']:,}",
+        f"  wall time        {summary['wall_s']:.1f} s",
+        f"  final train loss {summary['final_train_loss']:.4f}",
+        f"  held-out         loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}",
+        f"  checkpoint       {summary['checkpoint']}",
+        f"  metrics          {run_dir / 'metrics.jsonl'}" + (f", plot {summary['plot']}" if "plot" in summary else ""),
+    ])
+
+
+def _finished(cfg: TrainConfig, run_dir: Path, step: int, say) -> dict:
+    """A run already at (or past) ``cfg.steps``: says so, re-prints its summary, writes nothing."""
+    where = f"(--steps {cfg.steps})" if step == cfg.steps else f", past --steps {cfg.steps}"
+    say(f"run_dir {run_dir} is finished: its newest checkpoint is step {step} {where}; nothing to train. Raise "
+        f"--steps to continue it; evaluate it with python -m osdn_jax.train.evaluate sample {run_dir}")
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if summary.get("steps") == step:
+        try:
+            say(_summary_lines(summary, run_dir))
+        except (KeyError, TypeError, ValueError):  # a summary of another version
+            pass
+    else:
+        summary = {}
+    return {**summary, "steps": step, "finished": True, "run_dir": str(run_dir)}
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _write_run_dir(cfg: TrainConfig, run: run_dir_lib.RunDir, ckpt: Checkpointer, tokenizer, model_cfg,
+                   keep_tokenizer: bool, resumed, say) -> dict[str, list]:
+    """Process 0, once every check has passed: the first writes of this invocation. Starting over
+    moves the earlier run's files aside; unreadable newer checkpoints go to ``<step>.damaged``;
+    then the tokenizer, config.json, the metrics trimmed to the resumed step, and a ``config`` row
+    with the settings a resume changed (returned: ``{field: [old, new]}``)."""
+    run_dir = run.path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.checkpoint.resume and (run.has_run_files() or (run.has_tokenizer and not keep_tokenizer)):
+        previous = run.set_aside(keep_tokenizer)
+        say(f"checkpoint.resume False: starting over; the earlier run's files are in {previous}")
+    step, meta, unreadable = (resumed[0], resumed[3], resumed[4]) if resumed else (0, None, [])
+    for bad, reason in unreadable:
+        moved = ckpt.set_aside(bad)
+        _warn(f"checkpoint step {bad} cannot be read ({reason}); resuming from step {step} instead; moved it to "
+              f"{moved}")
+    if not (run_dir / TOKENIZER_FILE).is_file():
+        run_dir_lib.write_atomic(run_dir / TOKENIZER_FILE, json.dumps(tokenizer.to_dict()))
+    new = to_dict(cfg)
+    run.write_config(new, model_cfg.to_dict())
+    if cfg.checkpoint.resume:
+        keep_rows_until(run_dir, step)
+    changed = run_dir_lib.changes(meta.get("config") or {}, new) if meta else {}
+    if changed:
+        MetricsWriter(run_dir).write({"kind": "config", "step": step, "changes": changed})
+    return changed
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Runs ``cfg`` to ``cfg.steps`` (resuming from the newest checkpoint); returns the summary."""
+    """Runs ``cfg`` to ``cfg.steps`` (resuming from the newest checkpoint); returns the summary.
+
+    Nothing is written to the run directory before every check has passed (its settings against
+    the run's, the tokenizer, the model, the mesh, the data, the checkpoint to resume); a run
+    already at ``cfg.steps`` is reported and left as it is."""
     _check_paths(cfg)
     setup_jax(cfg)
     t_start = time.perf_counter()
     is_main = jax.process_index() == 0
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     say = print if is_main else (lambda *a, **k: None)
+    run = run_dir_lib.RunDir.read(cfg.run_dir)
+    run_dir = run.path
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, per_process_data=cfg.data_split == "documents")
+    keep_tokenizer = _check_run_dir(cfg, run, ckpt)
 
-    # Tokenizer: process 0 builds (a BPE is trained) and records it in the run; the others load it.
-    if is_main:
-        tokenizer = data_lib.build_tokenizer(cfg.data, run_dir)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("osdn_jax.train: tokenizer")
-    if not is_main:
-        tokenizer = data_lib.build_tokenizer(cfg.data, run_dir)
+    tokenizer = _tokenizer(cfg, run_dir if keep_tokenizer else None, is_main)
     model_cfg = cfg.model.build(tokenizer.vocab_size, cfg.data.seq_len, run_dir)
-    if is_main:
-        (run_dir / "config.json").write_text(json.dumps({"train": to_dict(cfg), "model": model_cfg.to_dict()},
-                                                        indent=2))
-
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg.data.batch_size, mesh)
     _check_context(cfg, model_cfg)
@@ -135,17 +245,31 @@ def train(cfg: TrainConfig) -> dict:
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
 
     data = _Data(cfg, tokenizer)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, per_process_data=data.per_process)
     step, tokens_seen, skipped, elapsed_before = 0, 0, 0, 0.0
-    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
-    if latest is not None:
-        params, opt_state, meta = ckpt.restore(latest, params, opt_state, data.iterator)
+    resumed = ckpt.restore_newest(params, opt_state, data.iterator, _all_processes) if cfg.checkpoint.resume else None
+    if resumed is not None:
+        latest, params, opt_state, meta, unreadable = resumed
         step, tokens_seen, skipped = meta["step"], meta["tokens_seen"], meta["skipped_steps"]
         elapsed_before = meta["elapsed_s"]
-        say(f"resumed from {ckpt.directory}/{latest} (step {step})")
+        if step >= cfg.steps:
+            for bad, reason in unreadable:
+                _warn(f"checkpoint step {bad} cannot be read ({reason}); left in place")
+            ckpt.close()
+            return _finished(cfg, run_dir, step, say)
     elif cfg.model.init_from is not None:
         init = cfg.model.resolve(cfg.model.init_from, run_dir)
         params = restore_params(init, params)
+
+    # Every check has passed: from here on the run directory is written.
+    changed = _write_run_dir(cfg, run, ckpt, tokenizer, model_cfg, keep_tokenizer, resumed, say) if is_main else {}
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("osdn_jax.train: run_dir written")
+    ckpt.reload()
+    if resumed is not None:
+        say(f"resumed from {ckpt.directory}/{latest} (step {step})")
+        if changed:
+            say("changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    elif cfg.model.init_from is not None:
         say(f"parameters from {init} (step 0, a fresh optimizer)")
     model_name = cfg.model.config_path or cfg.model.preset
     say(f"{model_cfg.mixer_name} model '{model_name}': {n_params / 1e6:.2f}M parameters; "
@@ -266,6 +390,10 @@ def train(cfg: TrainConfig) -> dict:
         eval_loss = evaluate(step)
         save(step)
         ckpt.wait()
+    except BaseException:
+        if not run.existed and is_main and step == first_step:  # a failed start (e.g. a compile error)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         bar.close()
         ckpt.close()
@@ -282,16 +410,7 @@ def train(cfg: TrainConfig) -> dict:
         summary["sample"] = _sample(cfg, graphdef, params, tokenizer)
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        say("\n".join([
-            "", "summary",
-            f"  steps            {step} ({skipped} skipped)",
-            f"  tokens           {tokens_seen:,}",
-            f"  wall time        {wall:.1f} s",
-            f"  final train loss {last_loss:.4f}",
-            f"  held-out         loss {eval_loss:.4f}, perplexity {summary['eval_ppl']:.2f}",
-            f"  checkpoint       {summary['checkpoint']}",
-            f"  metrics          {run_dir / 'metrics.jsonl'}" + (f", plot {summary['plot']}" if "plot" in summary else ""),
-        ]))
+        say(_summary_lines(summary, run_dir))
         if "sample" in summary:
             say(f"\nsample:\n{summary['sample']}")
     return summary

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -27,11 +26,36 @@ class MetricsWriter:
                 f.write(json.dumps(row) + "\n")
 
 
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``, one per (kind, step): a later row replaces an earlier one in
+    its place (a run resumed before its rows were trimmed wrote some steps twice)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows: dict[object, dict] = {}
+    for i, row in enumerate(_rows(path)):
+        key = (row.get("kind"), row["step"]) if "step" in row else i
+        rows[key] = row
+    return list(rows.values())
+
+
+def keep_rows_until(run_dir: str | Path, step: int) -> int:
+    """Drops the rows past ``step`` (a resumed run writes them again); the file is replaced whole.
+    Returns how many were dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    rows = _rows(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+    return len(rows) - len(kept)
 
 
 def plot(run_dir: str | Path) -> Path | None:
@@ -68,7 +92,12 @@ def plot(run_dir: str | Path) -> Path | None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m osdn_jax.train.metrics RUN_DIR")
-    out = plot(sys.argv[1])
-    print(out or f"{sys.argv[1]}: no metrics yet")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m osdn_jax.train.metrics",
+                                     description="Redraws RUN_DIR/loss.png from RUN_DIR/metrics.jsonl and prints "
+                                                 "its path.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run's directory")
+    run_dir = parser.parse_args().run_dir
+    out = plot(run_dir)
+    print(out or f"{run_dir}: no metrics yet")

@@ -107,13 +107,13 @@ class Budget:
 
     vocab_size: int = 256  # the Zoology recipe uses 8192; a CPU budget learns nothing there (docs/mqar.md)
     train_tokens: int = 1_228_800  # per run: examples = train_tokens / L, so every (L, N) sees as many tokens
-    test_examples: int = 512
-    epochs: int = 1
-    batch_size: int = 16
+    test_examples: int = 512  # held-out examples scored per run
+    epochs: int = 1  # passes over the training examples
+    batch_size: int = 16  # examples per step
     head_dim: int = 64  # heads = width / head_dim
     chunk_size: int = 16  # delta-rule mixers' chunked path (exact at any size; 16 is fastest on a CPU)
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.1
+    warmup_fraction: float = 0.1  # linear warmup over this share of the steps, then cosine to 0
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
     data_seed: int = 0  # the test set uses data_seed + 1
 
     def train_examples(self, seq_len: int) -> int:
@@ -251,14 +251,14 @@ class Cell:
 class GridConfig:
     """The MQAR grid: every mixer × width × (L, N) × learning rate × seed, resumable."""
 
-    out_dir: str = "runs/mqar"
-    mixers: tuple[str, ...] = ("osdn", "osdn-apf", "deltanet", "gdn", "attention")
-    widths: tuple[int, ...] = (64, 128)
-    settings: tuple[str, ...] = ("256:16", "512:64")  # L:N pairs
-    lrs: tuple[float, ...] = (3e-3, 1e-2)
-    seeds: tuple[int, ...] = (0,)
+    out_dir: str = "runs/mqar"  # results.jsonl, results.md and mqar.png go here
+    mixers: tuple[str, ...] = ("osdn", "osdn-apf", "deltanet", "gdn", "attention")  # the default lists every one
+    widths: tuple[int, ...] = (64, 128)  # model widths (hidden sizes)
+    settings: tuple[str, ...] = ("256:16", "512:64")  # L:N pairs: sequence length, key-value pairs
+    lrs: tuple[float, ...] = (3e-3, 1e-2)  # learning rates tried per cell (the best one is kept)
+    seeds: tuple[int, ...] = (0,)  # seeds of the parameter init and the example order
     budget: Budget = Budget()
-    progress: bool = True
+    progress: bool = True  # progress bar over the runs
 
     def __post_init__(self):
         for m in self.mixers:
@@ -419,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     try:
-        cfg = tyro.cli(GridConfig, args=argv, description=__doc__, config=(tyro.conf.FlagConversionOff,))
+        cfg = tyro.cli(GridConfig, args=argv, prog="python -m osdn_jax.train.mqar", description=__doc__,
+                       config=(tyro.conf.FlagConversionOff,))
     except ValueError as e:
         print(f"mqar: bad configuration: {e}", file=sys.stderr)
         return 2
