@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from osdn_jax.train.config import CheckpointConfig
+from osdn_jax.train.run_dir import free_path
 
 
 DAMAGED_SUFFIX = ".damaged"
@@ -88,14 +89,9 @@ class Checkpointer:
 
     def newest_meta(self) -> tuple[int, dict] | None:
         """``(step, meta)`` of the newest checkpoint whose metadata (counters, config) can be read."""
-        for step in reversed(self.steps()):
-            with _quiet():
-                try:
-                    return step, dict(self.manager.restore(step, args=ocp.args.Composite(
-                        meta=ocp.args.JsonRestore()))["meta"])
-                except Exception:  # noqa: BLE001 - a damaged step: try the next older one
-                    _drop_read_debris()
-        return None
+        read = lambda step: self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))  # noqa: E731
+        step, restored, _ = _newest_readable(self.steps(), read)
+        return None if step is None else (step, dict(restored["meta"]))
 
     def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
         """Starts an asynchronous save of ``step`` (``wait`` blocks until it is committed)."""
@@ -127,32 +123,19 @@ class Checkpointer:
         with ``unreadable`` the ``(step, reason)`` of each newer one that could not; None when there
         is no checkpoint. ``agree(ok)`` makes every process take the same step (all must read it).
         When none can be read: a ``CheckpointError`` naming each step and why."""
-        unreadable = []
-        for step in reversed(self.steps()):
-            with _quiet():
-                try:
-                    restored, reason = self.restore(step, params, opt_state, data_iterator), None
-                except Exception as e:  # noqa: BLE001 - damaged files raise ValueError, OSError or a plain Exception
-                    restored, reason = None, describe(e)
-                    _drop_read_debris()
-            if agree(restored is not None):
-                return (step, *restored, unreadable)
-            unreadable.append((step, reason or "another process could not read it"))
+        read = lambda step: self.restore(step, params, opt_state, data_iterator)  # noqa: E731
+        step, restored, unreadable = _newest_readable(self.steps(), read, agree)
+        if step is not None:
+            return (step, *restored, unreadable)
         if unreadable:
-            reasons = "; ".join(f"step {s}: {r}" for s, r in unreadable)
-            raise CheckpointError(f"checkpoint: no checkpoint in {self.directory} can be read ({reasons}). To start "
-                                  f"over, pass --checkpoint.resume False (the unreadable checkpoints are moved "
-                                  f"aside), or use another --run-dir")
+            raise _none_readable(self.directory, unreadable, ". To start over, pass --checkpoint.resume False (the "
+                                 "unreadable checkpoints are moved aside), or use another --run-dir")
         return None
 
     def set_aside(self, step: int) -> Path:
         """Moves the (unreadable) ``step`` to ``<step>.damaged`` (``-2``, ... if taken), which the
         manager ignores; returns the new path. Process 0 only; then ``reload`` on every process."""
-        dest = self.directory / f"{step}{DAMAGED_SUFFIX}"
-        n = 1
-        while dest.exists():
-            n += 1
-            dest = self.directory / f"{step}{DAMAGED_SUFFIX}-{n}"
+        dest = free_path(self.directory / f"{step}{DAMAGED_SUFFIX}")
         (self.directory / str(step)).rename(dest)
         return dest
 
@@ -168,21 +151,36 @@ def restore_newest_params(manager: ocp.CheckpointManager, target, directory) -> 
     """``(step, params)`` of the newest checkpoint of ``manager`` whose parameters can be read into
     ``target``; an unreadable newer one is named in a warning (stderr) with the step used instead. A
     ``CheckpointError`` naming each step and why when none can be read."""
+    read = lambda step: manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))  # noqa: E731
+    step, restored, unreadable = _newest_readable(manager.all_steps(), read)
+    if step is None:
+        raise _none_readable(directory, unreadable)
+    for bad, reason in unreadable:
+        print(f"warning: checkpoint step {bad} cannot be read ({reason}); using step {step} instead", file=sys.stderr)
+    return step, restored["params"]
+
+
+def _newest_readable(steps, read: Callable[[int], object], agree: Callable[[bool], bool] = bool):
+    """``(step, read(step), unreadable)`` for the newest of ``steps`` that ``read`` can read (every
+    process agreeing through ``agree``), with ``unreadable`` the ``(step, reason)`` of each newer one;
+    ``(None, None, unreadable)`` when none can be read."""
     unreadable = []
-    for step in sorted(manager.all_steps(), reverse=True):
+    for step in sorted(steps, reverse=True):
         with _quiet():
             try:
-                params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+                value, reason = read(step), None
             except Exception as e:  # noqa: BLE001 - damaged files raise ValueError, OSError or a plain Exception
-                unreadable.append((step, describe(e)))
+                value, reason = None, describe(e)
                 _drop_read_debris()
-                continue
-        for bad, reason in unreadable:
-            print(f"warning: checkpoint step {bad} cannot be read ({reason}); using step {step} instead",
-                  file=sys.stderr)
-        return step, params["params"]
+        if agree(reason is None):
+            return step, value, unreadable
+        unreadable.append((step, reason or "another process could not read it"))
+    return None, None, unreadable
+
+
+def _none_readable(directory, unreadable, hint: str = "") -> CheckpointError:
     reasons = "; ".join(f"step {s}: {r}" for s, r in unreadable)
-    raise CheckpointError(f"checkpoint: no checkpoint in {directory} can be read ({reasons})")
+    return CheckpointError(f"checkpoint: no checkpoint in {directory} can be read ({reasons}){hint}")
 
 
 def describe(error: BaseException) -> str:

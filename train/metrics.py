@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from osdn_jax.train.run_dir import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -52,9 +54,7 @@ def keep_rows_until(run_dir: str | Path, step: int) -> int:
     rows = _rows(path)
     kept = [r for r in rows if r.get("step", 0) <= step]
     if len(kept) < len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(rows) - len(kept)
 
 

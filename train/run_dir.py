@@ -23,8 +23,9 @@ import shutil
 import time
 from pathlib import Path
 
+from osdn_jax.train.tokenizer import TOKENIZER_FILE
+
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
 PREVIOUS_PREFIX = "previous-"
 # What a run leaves besides its config and tokenizer; starting over moves them aside.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "eval")
@@ -169,7 +170,8 @@ class RunDir:
     def set_aside(self, keep_tokenizer: bool) -> Path:
         """Moves an earlier run's files (``RUN_FILES``) to a new ``previous-<date>-<time>/`` and copies
         its config there; its tokenizer is copied (``keep_tokenizer``) or moved. Returns the folder."""
-        dest = _new_folder(self.path / (PREVIOUS_PREFIX + time.strftime("%Y%m%d-%H%M%S")))
+        dest = free_path(self.path / (PREVIOUS_PREFIX + time.strftime("%Y%m%d-%H%M%S")))
+        dest.mkdir(parents=True)
         for name in RUN_FILES:
             if (self.path / name).exists():
                 shutil.move(self.path / name, dest / name)
@@ -198,13 +200,12 @@ def _read_config(path: Path) -> dict | None:
     return saved
 
 
-def _new_folder(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3``, ... if taken; created."""
+def free_path(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... : the first name not taken."""
     candidate, n = path, 1
     while candidate.exists():
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
-    candidate.mkdir(parents=True)
     return candidate
 
 
@@ -216,4 +217,4 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 __all__ = ["KEPT_FIELDS", "TOKENIZER_FIELDS", "RunDir", "RunDirError", "changes", "check", "differences",
-           "write_atomic"]
+           "free_path", "write_atomic"]
