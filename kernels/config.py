@@ -29,6 +29,7 @@ import jax.numpy as jnp
 PRECISIONS = ("tf32", "ieee")
 ARCHS = ("sm_80", "sm_90")
 TARGETS = ("gpu", "interpret")
+FAMILIES = ("mosaic", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +58,14 @@ def policy_for(dtype, precision: str | None) -> Policy:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where the kernels run: ``interpret`` (Pallas interpreter, any backend) or compiled for the
-    GPU generation ``arch``."""
+    """Where the kernels run: ``interpret`` (an interpreter on any backend) or compiled for the
+    GPU generation ``arch``; ``family``: 'mosaic' or 'triton' to force a kernel family, None for
+    the default (``osdn_jax.kernels.dispatch``: Mosaic GPU on a compiled sm_90 target where it
+    covers the call, else Triton)."""
 
     interpret: bool
     arch: str = "sm_90"
+    family: str | None = None
 
 
 _TARGET: contextvars.ContextVar[Target | None] = contextvars.ContextVar("osdn_kernel_target", default=None)
@@ -77,22 +81,27 @@ def _arch_of_device() -> str:
 
 
 @contextlib.contextmanager
-def kernel_target(target: str, *, arch: str | None = None):
+def kernel_target(target: str, *, arch: str | None = None, family: str | None = None):
     """Run or trace the kernels for ``target`` inside this context.
 
     ``"gpu"`` builds the compiled GPU kernels even on a CPU host (to lower them with
     ``.lower(lowering_platforms=("cuda",))``), for ``arch`` ('sm_90' Hopper, 'sm_80' Ampere;
-    default: the local GPU's, else 'sm_90'); ``"interpret"`` runs them in the Pallas interpreter
-    on any backend. ``impl="auto"`` also decides as it would on that target.
+    default: the local GPU's, else 'sm_90'); ``"interpret"`` runs them in an interpreter on any
+    backend (the Pallas interpreter for Triton, Mosaic GPU's interpreter with its race detector
+    for Mosaic). ``family`` forces a kernel family ('mosaic': Hopper only, bf16 / fp16, chunk 64;
+    'triton'); None picks Mosaic on a compiled sm_90 target where it covers the call, else Triton
+    (interpret targets default to Triton). ``impl="auto"`` also decides as it would on that target.
     """
     if target not in TARGETS:
         raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
     if arch is not None and arch not in ARCHS:
         raise ValueError(f"arch: expected one of {ARCHS}, got {arch!r}")
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family: expected None or one of {FAMILIES}, got {family!r}")
     if target == "gpu":
-        resolved = Target(False, arch or (_arch_of_device() if jax.default_backend() == "gpu" else "sm_90"))
+        resolved = Target(False, arch or (_arch_of_device() if jax.default_backend() == "gpu" else "sm_90"), family)
     else:
-        resolved = Target(True, arch or "sm_90")
+        resolved = Target(True, arch or "sm_90", family)
     token = _TARGET.set(resolved)
     try:
         yield resolved

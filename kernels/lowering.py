@@ -3,14 +3,17 @@
     with ops.kernel_target("gpu", arch="sm_90"), use_abstract_mesh(abstract_gpu_mesh()):
         lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
-``lower_for_gpu(f, *args)`` does exactly that; ``triton_calls(lowered)`` lists the kernels in the
-StableHLO (name, Triton IR bytecode, ``num_warps``, ``num_stages``, and whether the call sits inside
-a ``shard_map`` manual region). ``benchmarks/compile_kernels.py`` compiles that IR to machine code.
+``lower_for_gpu(f, *args)`` does exactly that; ``triton_calls(lowered)`` lists the Triton kernels
+in the StableHLO (name, Triton IR bytecode, ``num_warps``, ``num_stages``, and whether the call sits
+inside a ``shard_map`` manual region), ``mosaic_calls(lowered)`` the Mosaic GPU ones (name, the
+serialized Mosaic module, manual region). ``benchmarks/compile_kernels.py`` compiles the Triton IR
+to machine code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 
@@ -26,10 +29,11 @@ def abstract_gpu_mesh(shape=(1,), names=("x",), axis_type=jax.sharding.AxisType.
                                      abstract_device=dev)
 
 
-def lower_for_gpu(fn, *args, arch: str = "sm_90", mesh=None):
-    """``jax.jit(fn)`` lowered for CUDA with the real GPU kernels (``.as_text()``: StableHLO)."""
+def lower_for_gpu(fn, *args, arch: str = "sm_90", mesh=None, family: str | None = None):
+    """``jax.jit(fn)`` lowered for CUDA with the real GPU kernels (``.as_text()``: StableHLO);
+    ``family`` forces the kernel family (``kernel_target``)."""
     mesh = abstract_gpu_mesh(arch=arch) if mesh is None else mesh
-    with jax.sharding.use_abstract_mesh(mesh), kernel_target("gpu", arch=arch):
+    with jax.sharding.use_abstract_mesh(mesh), kernel_target("gpu", arch=arch, family=family):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
@@ -44,8 +48,17 @@ class TritonCall:
     manual: bool  # inside a shard_map manual region
 
 
-def triton_calls(lowered) -> list[TritonCall]:
-    """Every ``__gpu$xla.gpu.triton`` custom call of a lowered function, in program order."""
+@dataclasses.dataclass(frozen=True)
+class MosaicCall:
+    """One Mosaic GPU kernel in a lowered module."""
+
+    name: str  # the kernel_name given to plgpu.kernel ("?" if not found in the module)
+    module: bytes  # the serialized Mosaic GPU module (MLIR bytecode, stable_mosaic_gpu dialect)
+    manual: bool  # inside a shard_map manual region
+
+
+def _custom_calls(lowered, target_substring: str):
+    """``(op, manual)`` for every custom call whose target name contains ``target_substring``."""
     found = []
 
     def walk(op, manual):
@@ -53,12 +66,30 @@ def triton_calls(lowered) -> list[TritonCall]:
             for block in region:
                 for inner in block.operations:
                     o = inner.operation
-                    if o.name == "stablehlo.custom_call" and "triton" in str(o.attributes["call_target_name"]):
-                        config = o.attributes["mhlo.backend_config"]
-                        number = lambda key: int(str(config[key]).split(":")[0])  # noqa: E731  "4 : i32"
-                        found.append(TritonCall(str(config["name"]).strip('"'), config["ir"].value_bytes,
-                                                number("num_warps"), number("num_stages"), manual))
+                    if o.name == "stablehlo.custom_call" and target_substring in str(o.attributes["call_target_name"]):
+                        found.append((o, manual))
                     walk(o, manual or o.name == "sdy.manual_computation")
 
     walk(lowered.compiler_ir("stablehlo").operation, False)
     return found
+
+
+def triton_calls(lowered) -> list[TritonCall]:
+    """Every ``__gpu$xla.gpu.triton`` custom call of a lowered function, in program order."""
+    calls = []
+    for o, manual in _custom_calls(lowered, "triton"):
+        config = o.attributes["mhlo.backend_config"]
+        number = lambda key: int(str(config[key]).split(":")[0])  # noqa: E731  "4 : i32"
+        calls.append(TritonCall(str(config["name"]).strip('"'), config["ir"].value_bytes, number("num_warps"),
+                                number("num_stages"), manual))
+    return calls
+
+
+def mosaic_calls(lowered) -> list[MosaicCall]:
+    """Every ``mosaic_gpu`` custom call of a lowered function, in program order."""
+    calls = []
+    for o, manual in _custom_calls(lowered, "mosaic_gpu"):
+        module = o.attributes["mhlo.backend_config"]["module"].value_bytes
+        name = re.search(rb"osdn_mosaic_[a-z_]*[a-z]", module)  # the name, less the "_0" MLIR adds
+        calls.append(MosaicCall(name.group().decode() if name else "?", module, manual))
+    return calls

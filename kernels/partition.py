@@ -118,5 +118,21 @@ def run_partitioned(fn, args: dict, layouts: dict, out_layouts, *, q, B: int, H:
     def local(*xs):
         return fn(**{**args, **dict(zip(names, xs))})
 
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
-        *(args[n] for n in names))
+    xs = tuple(_placed(args[n], spec, mesh) for n, spec in zip(names, in_specs))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*xs)
+
+
+def _placed(x, spec: P, mesh):
+    """``x`` resharded to ``spec`` where its type says otherwise on Explicit mesh axes. ``shard_map``
+    reshards Auto axes by itself but refuses an Explicit-typed operand whose spec differs, as with
+    an operand derived from an input the caller left unsharded (``jax.jit(..., in_shardings=...)``
+    called with unplaced arrays)."""
+    if not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return x
+    typed = getattr(jax.typeof(x), "sharding", None)
+    have = tuple(typed.spec) if typed is not None else ()
+    want = tuple(spec)
+    pad = lambda s: s + (None,) * (x.ndim - len(s))  # noqa: E731
+    if pad(have) == pad(want):
+        return x
+    return jax.sharding.reshard(x, spec)

@@ -116,3 +116,25 @@ def grads(case: Case, impl: str, *, chunk_size: int = 64, seed: int = 1, upcast:
         return sum(jnp.sum(out[n].astype(jnp.float32) * cot[n]) for n in out)
 
     return jax.jit(jax.grad(loss))(diff)
+
+
+LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def compare_low_precision(case: Case, impl: str, C: int, precision: str | None = None, what: str = "bf16"):
+    """Outputs and every gradient of a bf16 / fp16 case against fp32 math on the same (rounded)
+    input values, by the relative-RMS rule of ``tolerances.py``."""
+    from tolerances import assert_close
+
+    upcast = {n: (x.astype(jnp.float32) if x.dtype in LOW_PRECISION else x) for n, x in case.arrays.items()}
+    ref = run(case, "reference", arrays=upcast)
+    got = run(case, impl, chunk_size=C, precision=precision)
+    assert got["o"].dtype == case.arrays["v"].dtype and got["state"].dtype == jnp.float32
+    for name in ref:
+        assert_close(got[name], ref[name], what=f"{impl} {case.variant} {what} C={C} {name}", bf16=True)
+    gref = grads(case, "reference", upcast=True)
+    gout = grads(case, impl, chunk_size=C, precision=precision)
+    for name in gref:
+        assert gout[name].dtype == case.arrays[name].dtype
+        assert_close(gout[name], gref[name], what=f"{impl} {case.variant} {what} C={C} d/d{name}", bf16=True,
+                     grad=True)

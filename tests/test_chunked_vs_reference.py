@@ -7,7 +7,7 @@ bf16 and TF32 policies are held to the relative-RMS tolerances of ``tolerances.p
 import jax.numpy as jnp
 import pytest
 
-from inputs import VARIANTS, grads, make_case, run
+from inputs import VARIANTS, compare_low_precision, grads, make_case, run
 from tolerances import assert_close
 
 ALL = list(VARIANTS)
@@ -84,28 +84,12 @@ def test_gradients(impl, variant, T, C, segments):
         assert_close(got[name], ref[name], what=f"{impl} {variant} d/d{name}")
 
 
-def _compare_low_precision(case, impl, C, precision=None, what="bf16"):
-    """Outputs and every gradient against fp32 math on the same (rounded) input values."""
-    upcast = {n: (x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x) for n, x in case.arrays.items()}
-    ref = run(case, "reference", arrays=upcast)
-    got = run(case, impl, chunk_size=C, precision=precision)
-    assert got["o"].dtype == case.arrays["v"].dtype and got["state"].dtype == jnp.float32
-    for name in ref:
-        assert_close(got[name], ref[name], what=f"{impl} {case.variant} {what} C={C} {name}", bf16=True)
-    gref = grads(case, "reference", upcast=True)
-    gout = grads(case, impl, chunk_size=C, precision=precision)
-    for name in gref:
-        assert gout[name].dtype == case.arrays[name].dtype
-        assert_close(gout[name], gref[name], what=f"{impl} {case.variant} {what} C={C} d/d{name}", bf16=True,
-                     grad=True)
-
-
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("variant", ALL)
 def test_bf16_inputs(impl, variant):
     """bf16 inputs: output in bf16, states fp32, judged by relative RMS against fp32 math. The
     kernels multiply bf16 operands with fp32 accumulation (tensor cores on a GPU)."""
-    _compare_low_precision(make_case(variant, T=100, dtype=jnp.bfloat16, seed=11), impl, 32)
+    compare_low_precision(make_case(variant, T=100, dtype=jnp.bfloat16, seed=11), impl, 32)
 
 
 # Each variant at two or more shapes, each shape with a gated and an OSDN variant.
@@ -125,7 +109,7 @@ def test_kernels_bf16_matrix(variant, T, C, K, V, initial_state, segments):
     and a padded pair, documents and initial state on and off; outputs and every gradient."""
     case = make_case(variant, B=2, T=T, H=2, K=K, V=V, dtype=jnp.bfloat16, initial_state=initial_state,
                      segments=segments, seed=T + K)
-    _compare_low_precision(case, "pallas", C)
+    compare_low_precision(case, "pallas", C)
 
 
 @pytest.mark.parametrize("variant", ["deltanet", "os_gdn"])
@@ -133,7 +117,7 @@ def test_kernels_tf32(variant):
     """fp32 inputs under the default TF32 policy (emulated in interpret mode by rounding the
     operands as tensor cores do), held to the relative-RMS tolerances."""
     case = make_case(variant, T=100, K=64, V=64, seed=12)
-    _compare_low_precision(case, "pallas", 32, precision="tf32", what="tf32")
+    compare_low_precision(case, "pallas", 32, precision="tf32", what="tf32")
 
 
 @pytest.mark.parametrize("impl", ["chunked"])  # pallas: first order only (no autodiff through pallas_call)

@@ -13,7 +13,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from osdn_jax import ops
-from osdn_jax.kernels.lowering import abstract_gpu_mesh, lower_for_gpu, triton_calls
+from osdn_jax.kernels.lowering import abstract_gpu_mesh, lower_for_gpu, mosaic_calls, triton_calls
 from osdn_jax.ops import context
 
 HERE = pathlib.Path(__file__).parent
@@ -45,13 +45,16 @@ def _loss(xs, segment_ids):
     return jnp.sum(o.astype(jnp.float32))
 
 
-def test_kernels_per_slice_lower_for_cuda_inside_the_manual_region():
+@pytest.mark.parametrize("family", ["triton", "mosaic"])
+def test_kernels_per_slice_lower_for_cuda_inside_the_manual_region(family):
     mesh = abstract_gpu_mesh((2, 4), ("data", "context"), AxisType.Auto)
     xs = _inputs(mesh)
-    lowered = lower_for_gpu(jax.grad(_loss), xs, xs.pop("segment_ids"), mesh=mesh)
-    calls = triton_calls(lowered)
+    lowered = lower_for_gpu(jax.grad(_loss), xs, xs.pop("segment_ids"), mesh=mesh, family=family)
+    calls = triton_calls(lowered) + mosaic_calls(lowered)
     # forward: phase 1 (relay rounds and the final pass share one kernel), phase 2; backward: both
-    assert len(calls) >= 11, [c.name for c in calls]
+    phase2 = {c.name for c in (mosaic_calls if family == "mosaic" else triton_calls)(lowered)} - {
+        "osdn_preconditioner_fwd", "osdn_preconditioner_bwd"}
+    assert len(phase2) >= (2 if family == "mosaic" else 9), [c.name for c in calls]
     assert all(c.manual for c in calls), [c.name for c in calls if not c.manual]
     text = lowered.as_text()
     assert "all_gather" in text and "collective_permute" in text

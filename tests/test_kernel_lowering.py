@@ -1,13 +1,14 @@
 """Every kernel lowered for CUDA on the CPU host through the front door (forward and backward,
-sm_90 and sm_80), so a GPU-only lowering break fails CI. Numerics are checked in interpret mode
-(test_chunked_vs_reference.py); machine code in test_compile_kernels.py."""
+sm_90 and sm_80, both families), so a GPU-only lowering break fails CI. Numerics are checked in
+interpret mode (test_chunked_vs_reference.py, test_kernel_mosaic.py); Triton machine code in
+test_compile_kernels.py."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from inputs import make_case, run
-from osdn_jax.kernels.lowering import lower_for_gpu, triton_calls
+from osdn_jax.kernels.lowering import lower_for_gpu, mosaic_calls, triton_calls
 
 FWD = {"delta_rule_intra", "delta_rule_states", "delta_rule_output"}
 BWD = {"delta_rule_bwd_local", "delta_rule_states_bwd", "delta_rule_grads_wy", "delta_rule_grads_a",
@@ -30,8 +31,49 @@ def test_ops_lower_for_cuda(variant, K, V, C, dtype, precision, arch):
         out = run(case, "pallas", chunk_size=C, arrays={**case.arrays, **xs}, precision=precision)
         return sum(jnp.sum(x.astype(jnp.float32)) for x in out.values())
 
-    names = {c.name for c in triton_calls(lower_for_gpu(loss, floats, arch=arch))}
-    grad_names = {c.name for c in triton_calls(lower_for_gpu(jax.grad(loss), floats, arch=arch))}
+    names = {c.name for c in triton_calls(lower_for_gpu(loss, floats, arch=arch, family="triton"))}
+    grad_names = {c.name for c in triton_calls(lower_for_gpu(jax.grad(loss), floats, arch=arch, family="triton"))}
     phase1 = PHASE1 if case.is_osdn else set()
     assert names == FWD | (phase1 - {"osdn_preconditioner_bwd"}), names
     assert grad_names == FWD | BWD | phase1, grad_names
+
+
+MOSAIC_FWD, MOSAIC_BWD = "osdn_mosaic_states_fwd", "osdn_mosaic_states_bwd"
+
+
+@pytest.mark.parametrize("variant, K, V, dtype", [
+    ("deltanet", 64, 64, jnp.bfloat16), ("os_gdn", 128, 128, jnp.bfloat16), ("osdn_apf", 48, 80, jnp.float16),
+    ("two_key", 128, 64, jnp.bfloat16),
+])
+def test_default_family_on_hopper_is_mosaic(variant, K, V, dtype):
+    """sm_90 with bf16 / fp16 inputs and chunk 64: the front door picks the Mosaic kernels by
+    itself (phase 1 stays on its Triton kernel)."""
+    case = make_case(variant, B=2, T=200, H=2, K=K, V=V, dtype=dtype, segments=True, seed=1)
+    floats = {n: x for n, x in case.arrays.items() if n != "segment_ids"}
+
+    def loss(xs):
+        out = run(case, "pallas", chunk_size=64, arrays={**case.arrays, **xs})
+        return sum(jnp.sum(x.astype(jnp.float32)) for x in out.values())
+
+    fwd, bwd = lower_for_gpu(loss, floats), lower_for_gpu(jax.grad(loss), floats)
+    assert [c.name for c in mosaic_calls(fwd)] == [MOSAIC_FWD]
+    assert sorted(c.name for c in mosaic_calls(bwd)) == [MOSAIC_BWD, MOSAIC_FWD]
+    phase1 = {"osdn_preconditioner_fwd", "osdn_preconditioner_bwd"} if case.is_osdn else set()
+    assert {c.name for c in triton_calls(bwd)} == phase1
+
+
+@pytest.mark.parametrize("dtype, C, precision, arch", [
+    (jnp.float32, 64, None, "sm_90"),  # fp32 inputs: the Triton TF32 / IEEE kernels
+    (jnp.bfloat16, 32, None, "sm_90"),  # chunks other than 64
+    (jnp.bfloat16, 64, "tf32", "sm_90"),  # fp32 operands asked for
+    (jnp.bfloat16, 64, None, "sm_80"),  # no wgmma before Hopper
+])
+def test_default_family_falls_back_to_triton(dtype, C, precision, arch):
+    case = make_case("gdn", B=2, T=100, H=2, K=64, V=64, dtype=dtype, seed=2)
+
+    def loss(xs):
+        return jnp.sum(run(case, "pallas", chunk_size=C, arrays={**case.arrays, **xs}, precision=precision)["o"]
+                       .astype(jnp.float32))
+
+    lowered = lower_for_gpu(loss, {"q": case.arrays["q"]}, arch=arch)
+    assert not mosaic_calls(lowered) and triton_calls(lowered)

@@ -7,15 +7,17 @@ states ``[B, H, K, V]`` (fp32), ``d0 [H, K]``, ``d [B, T, H, K]``, ``segment_ids
 
 - ``"reference"``: ``lax.scan`` token by token (the oracle);
 - ``"chunked"``: the chunkwise WY/UT form in plain JAX (any backend; a hand-written backward);
-- ``"pallas"``: the Pallas (Triton) kernels, forward and backward. They compile for a GPU target
-  and run in the Pallas interpreter elsewhere (``osdn_jax.kernels.kernel_target`` chooses, e.g. to
-  lower the real GPU kernels on a CPU host). Arguments the kernels do not cover raise a
-  ``ValueError``. Under a mesh they run per device (``osdn_jax.kernels.partition``);
+- ``"pallas"``: the Pallas kernels, forward and backward, of one of two families
+  (``osdn_jax.kernels.dispatch``): Mosaic GPU on Hopper (sm_90, bf16 / fp16, chunk 64) and Triton
+  elsewhere (sm_80, fp32 policies, other chunks). They compile for a GPU target and run in an
+  interpreter elsewhere (``osdn_jax.kernels.kernel_target`` chooses, e.g. to lower the real GPU
+  kernels on a CPU host, and can force a family). Arguments the chosen family does not cover raise
+  a ``ValueError``. Under a mesh they run per device (``osdn_jax.kernels.partition``);
 - under a mesh (``jax.set_mesh``) with a ``context`` axis of size > 1, every path but the reference
   runs context-parallel: time split over ``context``, rows over the other axes
   (``osdn_jax.ops.context``);
-- ``"auto"``: the kernels on a GPU target for the (GPU generation, operand dtype) pairs that
-  passed the GPU suite (``PALLAS_VERIFIED_ON_GPU``, e.g. ``("sm_90", "bfloat16")``), else
+- ``"auto"``: the kernels on a GPU target for the (family, GPU generation, operand dtype) triples
+  that passed the GPU suite (``PALLAS_VERIFIED_ON_GPU``, e.g. ``("mosaic", "sm_90", "bfloat16")``), else
   ``"chunked"``; never under ``precision="ieee"`` (the exact XLA path serves that).
 
 ``precision`` (kernels only; the reference and chunked paths always multiply in IEEE fp32):
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from osdn_jax.kernels import config as kernel_config
-from osdn_jax.kernels import delta_rule as pallas_delta_rule
+from osdn_jax.kernels import dispatch
 from osdn_jax.kernels import preconditioner as pallas_preconditioner
 from osdn_jax.kernels.partition import run_partitioned
 from osdn_jax.ops import checks, context
@@ -57,7 +59,7 @@ def _delta_rule_kernels(q, k, v, beta, *, write_key, log_decay, initial_state, s
                         precision, target):
     args = dict(q=q, k=k, v=v, beta=beta, write_key=write_key, log_decay=log_decay, initial_state=initial_state,
                 segment_ids=segment_ids)
-    fn = functools.partial(pallas_delta_rule.delta_rule_pallas, scale=scale, chunk_size=chunk_size,
+    fn = functools.partial(dispatch.delta_rule_kernels, scale=scale, chunk_size=chunk_size,
                            precision=precision, target=target)
     return run_partitioned(fn, args, _LAYOUTS, ("bthv", "bhkv"), q=q, B=k.shape[0], H=k.shape[2])
 
@@ -71,11 +73,12 @@ def _preconditioner_kernel(k, d0, *, eta, d_min, d_max, log_gamma, beta, segment
 
 def _osdn_kernels_local(q, k, v, beta, d0, *, log_gamma, log_decay, initial_state, initial_d, segment_ids, precond,
                         scale, chunk_size, precision, target):
-    """Phase 1 kernel, then the phase-2 kernels with write key ``d ⊙ k`` formed inside them."""
+    """Phase 1 kernel, then the phase-2 kernels with write key ``d ⊙ k`` (formed inside the Triton
+    kernels; in the Mosaic family's per-chunk stage)."""
     d, d_final = pallas_preconditioner.preconditioner_pallas(
         k, d0, eta=precond.eta, d_min=precond.d_min, d_max=precond.d_max, log_gamma=log_gamma,
         beta=beta if precond.beta_aware else None, segment_ids=segment_ids, initial_d=initial_d, target=target)
-    o, S = pallas_delta_rule.delta_rule_pallas(
+    o, S = dispatch.delta_rule_kernels(
         q, k, v, beta, write_scale=d, log_decay=log_decay, scale=scale, initial_state=initial_state,
         segment_ids=segment_ids, chunk_size=chunk_size, precision=precision, target=target)
     return o, S, d_final
@@ -121,24 +124,33 @@ _osdn_chunked = jax.jit(_osdn_chunked_fn, static_argnames=("precond", "scale", "
 # "auto" picks the kernels only for the (GPU generation, operand dtype) pairs that passed the GPU
 # suite (benchmarks/gpu_suite.sh) on a real GPU; until then they are tested in interpret mode and
 # compiled to GPU code on CPU (benchmarks/compile_kernels.py), never run natively.
-PALLAS_VERIFIED_ON_GPU: frozenset[tuple[str, str]] = frozenset()
+PALLAS_VERIFIED_ON_GPU: frozenset[tuple[str, str, str]] = frozenset()
 
 
-def _choose_impl(impl: str, kernel_gap: str | None, policy: kernel_config.Policy | None = None) -> str:
-    """The path to run; ``kernel_gap`` is why the kernels do not cover these arguments (None: they do)."""
+def _choose_impl(impl: str, kernel_gap: str | None, policy: kernel_config.Policy | None = None,
+                 family: str = "triton") -> str:
+    """The path to run; ``kernel_gap`` is why the kernels (of ``family``) do not cover these
+    arguments (None: they do)."""
     checks.check_impl(impl, IMPLS)
     if impl == "pallas":
         if kernel_gap is not None:
-            raise ValueError(f"impl='pallas': the kernels do not cover {kernel_gap}; use impl='chunked' or 'auto'")
+            raise ValueError(f"impl='pallas': the {family} kernels do not cover {kernel_gap}; use impl='chunked' "
+                             "or 'auto'")
         return "pallas"
     if impl == "auto":
         target = kernel_config.current_target()
         operand = "float32" if policy is None else policy.operand
         # IEEE products are for accuracy checks: the exact XLA path serves them better on a GPU.
         ieee = policy is not None and policy.operand == "float32" and policy.fp32 == "ieee"
-        verified = not target.interpret and not ieee and (target.arch, operand) in PALLAS_VERIFIED_ON_GPU
+        verified = (not target.interpret and not ieee
+                    and (family, target.arch, operand) in PALLAS_VERIFIED_ON_GPU)
         return "pallas" if verified and kernel_gap is None else "chunked"
     return impl
+
+
+def _phase2_path(impl: str, K: int, V: int, T: int, chunk_size: int, policy: kernel_config.Policy) -> str:
+    family, gap = dispatch.family_for(K, V, chunk_size, policy, kernel_config.current_target(), T)
+    return _choose_impl(impl, gap, policy, family)
 
 
 def _scale(scale, K: int) -> float:
@@ -176,7 +188,7 @@ def delta_rule(q, k, v, beta, *, write_key=None, log_decay=None, scale=None, ini
     B, T, H, K, V = _check_common(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size)
     checks.check_optional("write_key", write_key, (B, T, H, K), "[B, T, H, K] like k")
     policy = kernel_config.policy_for(k.dtype, precision)
-    path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size), policy)
+    path = _phase2_path(impl, K, V, T, chunk_size, policy)
     scale = _scale(scale, K)
     kwargs = dict(write_key=write_key, log_decay=log_decay, scale=scale, initial_state=initial_state,
                   segment_ids=segment_ids)
@@ -246,7 +258,7 @@ def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=Fal
     checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
     cfg = _precond_config(eta, d_min, d_max, beta_aware)
     policy = kernel_config.policy_for(k.dtype, precision)
-    path = _choose_impl(impl, pallas_delta_rule.supported(K, V, chunk_size), policy)
+    path = _phase2_path(impl, K, V, T, chunk_size, policy)
     scale = _scale(scale, K)
     kwargs = dict(precond=cfg, log_gamma=log_gamma, log_decay=log_decay, scale=scale,
                   initial_state=initial_state, initial_d=initial_d, segment_ids=segment_ids)

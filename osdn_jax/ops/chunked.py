@@ -50,7 +50,7 @@ def _to_chunks(x: jax.Array, C: int) -> jax.Array:
     return x
 
 
-def _from_chunks(x: jax.Array, T: int) -> jax.Array:
+def from_chunks(x: jax.Array, T: int) -> jax.Array:
     """``[N, B, H, C, V]`` → ``[B, T, H, V]``."""
     N, B, H, C, V = x.shape
     x = jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(B, N * C, H, V)
@@ -94,7 +94,7 @@ def _strict(x: jax.Array) -> jax.Array:
     return jnp.tril(x, -1)
 
 
-def _forward_parts(q, k, kw, v, b, G, within, carry):
+def forward_parts(q, k, kw, v, b, G, within, carry):
     D, fs, a = _gates(G, within, carry, b)
     KKW = _mm("...ik,...jk->...ij", k, kw)
     A = KKW * b[..., :, None] * _strict(D)
@@ -132,7 +132,7 @@ def _chunk_core(has_gate, q, k, kw, v, b, G, S0, within, carry):
 
 def _chunk_core_fwd(has_gate, q, k, kw, v, b, G, S0, within, carry):
     G = G if has_gate else None
-    D, fs, a, _, A = _forward_parts(q, k, kw, v, b, G, within, carry)
+    D, fs, a, _, A = forward_parts(q, k, kw, v, b, G, within, carry)
     Tm = unit_lower_inverse(A)
     W = _mm("...ij,...jk->...ik", Tm, (b * fs)[..., None] * k)
     U = _mm("...ij,...jv->...iv", Tm, b[..., None] * v)
@@ -145,7 +145,7 @@ def _chunk_core_fwd(has_gate, q, k, kw, v, b, G, S0, within, carry):
 def _chunk_core_bwd(has_gate, res, cotangents):
     q, k, kw, v, b, G, within, carry, Tm, S_in = res
     dO, dS_final = cotangents
-    D, fs, a, KKW, _ = _forward_parts(q, k, kw, v, b, G, within, carry)
+    D, fs, a, KKW, _ = forward_parts(q, k, kw, v, b, G, within, carry)
     Wr, Ur = (b * fs)[..., None] * k, b[..., None] * v
     W = _mm("...ij,...jk->...ik", Tm, Wr)
     U = _mm("...ij,...jv->...iv", Tm, Ur)
@@ -167,7 +167,21 @@ def _chunk_core_bwd(has_gate, res, cotangents):
 
     dS0, (dS_out, dv_new) = lax.scan(step, dS_final, (dS_from_o, dv_from_o, KT, W, a), reverse=True)
 
-    # Per chunk, in parallel.
+    dq, dk, dkw, dv, db, dG = grads_per_chunk(has_gate, q, k, kw, v, b, G, within, carry, Tm, S_in, v_new, dO,
+                                              dv_new, dS_out)
+    return dq, dk, dkw, dv, db, dG, dS0, None, None
+
+
+def grads_per_chunk(has_gate, q, k, kw, v, b, G, within, carry, Tm, S_in, v_new, dO, dv_new, dS_out):
+    """Every input cotangent of the chunked core, per chunk in parallel, once the serial passes have
+    given the entry states ``S_in``, the new values ``V'``, their cotangents ``dV'`` and the exit-state
+    cotangents ``dS_out`` (chunked layout, fp32). Returns ``dq, dk, dkw, dv, db, dG`` (dG None
+    without a gate)."""
+    D, fs, a, KKW, _ = forward_parts(q, k, kw, v, b, G, within, carry)
+    Wr, Ur = (b * fs)[..., None] * k, b[..., None] * v
+    QKW = _mm("...ik,...jk->...ij", q, kw)
+    d_last = D[..., -1, :]
+
     dQs = _mm("...cv,...kv->...ck", dO, S_in)
     dP = _mm("...iv,...jv->...ij", dO, v_new) * D  # D folded in: dP now means d(QKW) on the mask
     dW = -_mm("...cv,...kv->...ck", dv_new, S_in)
@@ -202,13 +216,13 @@ def _chunk_core_bwd(has_gate, res, cotangents):
         dfs = jnp.sum(dQs * q, axis=-1) + b * k_dWr
         dG = jnp.sum(E, axis=-1) - jnp.sum(E, axis=-2) + dfs * fs
         dG = dG.at[..., -1].add(da * a)
-    return dq, dk, dkw, dv, db, dG, dS0, None, None
+    return dq, dk, dkw, dv, db, dG
 
 
 _chunk_core.defvjp(_chunk_core_fwd, _chunk_core_bwd)
 
 
-def _chunk_layout(q, k, v, beta, *, write_key, log_decay, scale, segment_ids, C):
+def chunk_layout(q, k, v, beta, *, write_key, log_decay, scale, segment_ids, C):
     """The chunked fp32 operands of ``_chunk_core``: ``q, k, kw [N, B, H, C, K]``, ``v [N, B, H, C, V]``,
     ``b, G [N, B, H, C]``, the mask ``within`` and ``carry [N, B, 1, C]`` (None without documents)."""
     f32 = jnp.float32
@@ -240,12 +254,12 @@ def delta_rule_chunked(q, k, v, beta, *, write_key=None, log_decay=None, scale, 
     B, T, H, K = k.shape
     V = v.shape[-1]
     C = chunk_size_for(T, chunk_size)
-    parts = _chunk_layout(q, k, v, beta, write_key=write_key, log_decay=log_decay, scale=scale,
+    parts = chunk_layout(q, k, v, beta, write_key=write_key, log_decay=log_decay, scale=scale,
                           segment_ids=segment_ids, C=C)
     S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
     q_c, k_c, kw_c, v_c, b_c, G, within, carry = parts
     o, S_final = _chunk_core(log_decay is not None, q_c, k_c, kw_c, v_c, b_c, G, S0, within, carry)
-    return _from_chunks(o, T).astype(v.dtype), S_final
+    return from_chunks(o, T).astype(v.dtype), S_final
 
 
 def transition_summary(k, v, beta, *, write_key=None, log_decay=None, segment_ids=None, chunk_size=64):
@@ -261,9 +275,9 @@ def transition_summary(k, v, beta, *, write_key=None, log_decay=None, segment_id
     B, T, H, K = k.shape
     V = v.shape[-1]
     C = chunk_size_for(T, chunk_size)
-    _, k_c, kw_c, v_c, b_c, G, within, carry = _chunk_layout(
+    _, k_c, kw_c, v_c, b_c, G, within, carry = chunk_layout(
         k, k, v, beta, write_key=write_key, log_decay=log_decay, scale=1.0, segment_ids=segment_ids, C=C)
-    D, fs, a, _, A = _forward_parts(k_c, k_c, kw_c, v_c, b_c, G if log_decay is not None else None, within, carry)
+    D, fs, a, _, A = forward_parts(k_c, k_c, kw_c, v_c, b_c, G if log_decay is not None else None, within, carry)
     Tm = unit_lower_inverse(A)
     W = _mm("...ij,...jk->...ik", Tm, (b_c * fs)[..., None] * k_c)
     U = _mm("...ij,...jv->...iv", Tm, b_c[..., None] * v_c)

@@ -38,7 +38,7 @@ from jax import lax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from osdn_jax.kernels import delta_rule as pallas_delta_rule
+from osdn_jax.kernels import dispatch
 from osdn_jax.kernels import preconditioner as pallas_preconditioner
 from osdn_jax.kernels.config import Target
 from osdn_jax.ops.chunked import delta_rule_chunked, match_varying, transition_summary
@@ -91,7 +91,7 @@ def _phase2_local(st: _Phase2, q, k, kw, v, beta, log_decay, S_in, *, segment_id
     kwargs = dict(write_key=kw, log_decay=log_decay, scale=st.scale, initial_state=S_in, segment_ids=segment_ids,
                   chunk_size=st.chunk_size)
     if st.kernels:
-        return pallas_delta_rule.delta_rule_pallas(q, k, v, beta, precision=st.precision, target=st.target, **kwargs)
+        return dispatch.delta_rule_kernels(q, k, v, beta, precision=st.precision, target=st.target, **kwargs)
     return delta_rule_chunked(q, k, v, beta, **kwargs)
 
 

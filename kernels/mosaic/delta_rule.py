@@ -1,0 +1,194 @@
+"""The chunkwise delta rule (OSDN phase 2) with its serial passes on Mosaic GPU (Hopper), forward
+and backward (``jax.custom_vjp``).
+
+Same contract and math as ``osdn_jax.ops.chunked`` (see its docstring). The work splits by shape:
+
+- **Per chunk, all chunks in parallel** (XLA, fp32): ``A = strict(diag(β) K K̃ᵀ ⊙ D)``, the
+  triangular solve ``T = (I + A)⁻¹``, the WY factors ``W = T (β fs K)`` and ``U = T (β V)``, the
+  masked scores ``P = scale (Q K̃ᵀ ⊙ D)``, and in the backward every gradient once the states are
+  known (``osdn_jax.ops.chunked.grads_per_chunk``). These are batched matmuls over ``B·H·N``
+  chunks, which XLA runs at full occupancy.
+- **Serial over chunks** (Mosaic GPU, ``state_pass``): the state pass fused with the output
+  (``V' = U − W S``, ``O = Qs S + P V'``, ``S ← a S + KTᵀ V'``) and the reverse pass for the state
+  cotangent. Operands in the input dtype (bf16 / fp16) by TMA into swizzled SMEM, double
+  buffered; ``wgmma`` with fp32 accumulators; the fp32 state tile ``[K, 64]`` in registers.
+
+OSDN's write key ``d ⊙ k`` is formed in the per-chunk stage. Documents (``segment_ids``), the
+gate, initial and final state are folded into ``D``, ``fs`` and the chunk decays ``a`` there, so
+the kernels see one shape of problem. T is zero-padded to a multiple of C = 64 (inert tokens),
+head dims to 64 or 128 (K) and a multiple of 64 (V).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from osdn_jax.kernels.config import Target
+from osdn_jax.kernels.mosaic import state_pass
+from osdn_jax.ops.chunked import chunk_layout, forward_parts, from_chunks, grads_per_chunk, unit_lower_inverse
+
+f32 = jnp.float32
+C = state_pass.C
+OPERANDS = ("bfloat16", "float16")
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _mm(spec, a, b):
+    return jnp.einsum(spec, a, b, precision=_HI)
+
+
+def padded_head(n: int) -> int:
+    """The head dim the kernels compute in: K padded to 64 or 128."""
+    return 64 if n <= 64 else 128
+
+
+def padded_value(n: int) -> int:
+    return -(-n // state_pass.BV) * state_pass.BV
+
+
+def supported(K: int, V: int, chunk_size: int, operand: str, arch: str, T: int | None = None) -> str | None:
+    """None when the Mosaic kernels cover these arguments, else the reason they do not."""
+    if arch != "sm_90":
+        return f"GPU generation {arch} (the Mosaic kernels use Hopper's wgmma and TMA: sm_90 only)"
+    if operand not in OPERANDS:
+        return (f"{operand} operands (the Mosaic kernels take bf16 / fp16 inputs; fp32 inputs run the Triton "
+                "kernels' TF32 / IEEE policies)")
+    if chunk_size != C:
+        return f"chunk_size {chunk_size} (the Mosaic kernels take {C}: one warpgroup's wgmma tile is 64 rows)"
+    if max(K, V) > max(state_pass.HEAD_DIMS):
+        return (f"head dims K={K}, V={V} (the Mosaic kernels take up to {max(state_pass.HEAD_DIMS)}: the state "
+                f"tile [K, 64] sits in one warpgroup's registers, and K=256 would need "
+                f"{state_pass.smem_bytes(256) // 1024} KiB of shared memory, over Hopper's "
+                f"{state_pass.SMEM_BYTES // 1024} KiB)")
+    if T is not None and -(-T // C) > state_pass.MAX_CHUNKS:
+        return f"T={T} (the Mosaic kernels take up to {state_pass.MAX_CHUNKS * C} tokens per sequence)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    has_gate: bool
+    op: str  # operand dtype name
+    out: str  # output dtype name
+    interpret: bool
+
+    @property
+    def interpret_params(self):
+        if not self.interpret:
+            return None
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        return plgpu.InterpretGPUParams(detect_races=True)
+
+
+def _to_kernel(x, dtype=None):
+    """Chunked ``[N, B, H, C, d]`` → head-major ``[B, H, N·C, d]``."""
+    N, B, H, Cc, d = x.shape
+    x = jnp.transpose(x, (1, 2, 0, 3, 4)).reshape(B, H, N * Cc, d)
+    return x if dtype is None else x.astype(dtype)
+
+
+def _from_kernel(x, N):
+    """Head-major ``[B, H, N·C, d]`` → chunked ``[N, B, H, C, d]`` (fp32)."""
+    B, H, Tp, d = x.shape
+    return jnp.transpose(x.reshape(B, H, N, Tp // N, d), (2, 0, 1, 3, 4)).astype(f32)
+
+
+def _decays(a, N):
+    """``a [N, B, H]`` → ``[B, H, N_pad]`` (N_pad a multiple of 4: 16-byte TMA rows)."""
+    a = jnp.transpose(jnp.broadcast_to(a, a.shape), (1, 2, 0))
+    return jnp.pad(a, ((0, 0), (0, 0), (0, (-N) % 4)))
+
+
+def _operands(st: _Static, q, k, kw, v, b, G, within, carry):
+    """The per-chunk factors the serial passes read, in chunked layout (fp32), and their residuals."""
+    D, fs, a, _, A = forward_parts(q, k, kw, v, b, G if st.has_gate else None, within, carry)
+    Tm = unit_lower_inverse(A)
+    W = _mm("...ij,...jk->...ik", Tm, (b * fs)[..., None] * k)
+    U = _mm("...ij,...jv->...iv", Tm, b[..., None] * v)
+    P = _mm("...ik,...jk->...ij", q, kw) * D
+    KT = kw * D[..., -1, :, None]
+    Qs = q * fs[..., None]
+    return Tm, W, U, P, KT, Qs, a
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(st: _Static, q, k, kw, v, b, G, S0, within, carry):
+    """Chunked layout in (fp32), as ``osdn_jax.ops.chunked._chunk_core``; returns ``o [B, H, Tp, V]``
+    (output dtype, head-major) and the final state."""
+    return _core_fwd(st, q, k, kw, v, b, G, S0, within, carry)[0]
+
+
+def _core_fwd(st: _Static, q, k, kw, v, b, G, S0, within, carry):
+    N = q.shape[0]
+    Tm, W, U, P, KT, Qs, a = _operands(st, q, k, kw, v, b, G, within, carry)
+    o, S_in, v_new, S_final = state_pass.states_forward(
+        _to_kernel(Qs, st.op), _to_kernel(-W, st.op), _to_kernel(KT, st.op), _to_kernel(P, st.op), _to_kernel(U),
+        _decays(a, N), S0, out_dtype=jnp.dtype(st.out), interpret=st.interpret_params)
+    return (o, S_final), (q, k, kw, v, b, G, within, carry, Tm, S_in, v_new)
+
+
+def _core_bwd(st: _Static, res, cotangents):
+    q, k, kw, v, b, G, within, carry, Tm, S_in, v_new = res
+    dO, dS_final = cotangents
+    N, B, H = q.shape[:3]
+    K = q.shape[-1]
+    _, W, _, P, KT, Qs, a = _operands(st, q, k, kw, v, b, G, within, carry)
+    dO_c = _from_kernel(dO, N)
+    dvo = _mm("...ij,...iv->...jv", P, dO_c)
+    dS_out, dv_new, dS0 = state_pass.states_backward(
+        _to_kernel(Qs, st.op), _to_kernel(-W, st.op), _to_kernel(KT, st.op), dO.astype(st.op), _to_kernel(dvo),
+        _decays(a, N), dS_final.astype(f32), interpret=st.interpret_params)
+    states = lambda x: jnp.transpose(x.reshape(B, H, N, K, -1), (2, 0, 1, 3, 4)).astype(f32)  # noqa: E731
+    dq, dk, dkw, dv, db, dG = grads_per_chunk(
+        st.has_gate, q, k, kw, v, b, G if st.has_gate else None, within, carry, Tm, states(S_in),
+        _from_kernel(v_new, N), dO_c, _from_kernel(dv_new, N), states(dS_out))
+    if dG is None:
+        dG = jnp.zeros_like(G)
+    return dq, dk, dkw, dv, db, dG, dS0, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _pad_last(x, n):
+    if x is None or x.shape[-1] == n:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
+
+
+def delta_rule_mosaic(q, k, v, beta, *, write_key=None, write_scale=None, log_decay=None, scale,
+                      initial_state=None, segment_ids=None, chunk_size=64, target: Target):
+    """Same contract and results as ``osdn_jax.kernels.delta_rule.delta_rule_pallas`` (``write_scale``:
+    OSDN's ``d``, the write key is ``d ⊙ k``), for bf16 / fp16 inputs on Hopper.
+
+    ``target.interpret``: run the kernels in Mosaic GPU's interpreter (TMA, barriers and wgmma
+    simulated on the CPU, with its race detector on)."""
+    if write_key is not None and write_scale is not None:
+        raise ValueError("write_key, write_scale: pass at most one")
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    reason = supported(K, V, chunk_size, jnp.dtype(k.dtype).name, target.arch, T)
+    if reason is not None:
+        raise ValueError(f"impl='pallas' (Mosaic GPU kernels): unsupported {reason}")
+    Kp, Vp = padded_head(K), padded_value(V)
+    kw = write_key
+    if write_scale is not None:
+        kw = write_scale.astype(f32) * k.astype(f32)
+    q, k, kw = (_pad_last(x, Kp) for x in (q, k, kw))
+    v_p = _pad_last(v, Vp)
+    parts = chunk_layout(q, k, v_p, beta, write_key=kw, log_decay=log_decay, scale=scale, segment_ids=segment_ids,
+                         C=C)
+    if initial_state is None:
+        S0 = jnp.zeros((B, H, Kp, Vp), f32)
+    else:
+        S0 = jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
+    st = _Static(log_decay is not None, jnp.dtype(k.dtype).name, jnp.dtype(v.dtype).name, target.interpret)
+    q_c, k_c, kw_c, v_c, b_c, G, within, carry = parts
+    o, S_final = _core(st, q_c, k_c, kw_c, v_c, b_c, G, S0, within, carry)
+    o = jnp.transpose(o, (0, 2, 1, 3))[:, :T, :, :V]
+    return o, S_final[:, :, :K, :V]
