@@ -4,8 +4,9 @@ would see: registers, spills, shared memory, tensor-core instructions.
     python benchmarks/compile_kernels.py            # the full table (every tile config; ~30 min on 2 cores)
     python benchmarks/compile_kernels.py --quick    # the CI subset (a few minutes)
     python benchmarks/compile_kernels.py --arch sm_90 --operand bfloat16 --dims 128x128
+    python benchmarks/compile_kernels.py --family mosaic [--quick]   # the Mosaic GPU kernels (compile_mosaic.py)
 
-Route: each op is lowered for CUDA through the front door (``ops.osdn`` / ``ops.delta_rule`` with
+Route: each op is lowered for CUDA through the front door (family ``triton``; ``ops.osdn`` / ``ops.delta_rule`` with
 ``impl="pallas"``, forward and backward; ``osdn_jax.kernels.lowering.lower_for_gpu``). Every
 ``__gpu$xla.gpu.triton`` custom call in the StableHLO carries the kernel's Triton IR (MLIR
 bytecode from jaxlib's embedded Triton) with its name, ``num_warps`` and ``num_stages``. The
@@ -135,7 +136,8 @@ def lower_kernels(cfg: Config) -> list[Kernel]:
         o, _ = ops.delta_rule(q, k, v, beta, chunk_size=cfg.C, impl="pallas", precision=precision)
         return jnp.sum(o.astype(jnp.float32))
 
-    lowered = lower_for_gpu(jax.value_and_grad(loss), xs, seg if cfg.variant == "full" else None, arch=cfg.arch)
+    lowered = lower_for_gpu(jax.value_and_grad(loss), xs, seg if cfg.variant == "full" else None, arch=cfg.arch,
+                            family="triton")
     first = {}
     for c in triton_calls(lowered):
         first.setdefault(c.name, Kernel(c.name, c.ir, c.num_warps, c.num_stages, cfg))
@@ -265,6 +267,18 @@ def override_tiles(specs: list[str]) -> None:
 
 
 def main() -> int:
+    if "--family" in sys.argv:  # the Mosaic GPU family has its own toolchain: compile_mosaic.py
+        at = sys.argv.index("--family")
+        family = sys.argv[at + 1] if at + 1 < len(sys.argv) else ""
+        if family not in ("triton", "mosaic"):
+            print(f"--family: expected 'triton' or 'mosaic', got {family!r}", file=sys.stderr)
+            return 2
+        del sys.argv[at:at + 2]
+        if family == "mosaic":
+            sys.path.insert(0, str(pathlib.Path(__file__).parent))
+            import compile_mosaic
+
+            return compile_mosaic.main()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the CI subset")
     ap.add_argument("--arch", choices=("sm_90", "sm_80"), action="append")

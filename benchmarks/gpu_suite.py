@@ -1,11 +1,17 @@
 """GPU suite, part 2: forward and forward+backward time, achieved TFLOP/s, share of the roofline
-and peak memory of the Pallas kernels against the chunked XLA path and, where importable,
-flash-linear-attention (Triton, PyTorch) and jax-linear-attention (Mosaic GPU), for bf16 inputs
-and fp32 inputs (TF32 policy). Run through ``benchmarks/gpu_suite.sh``.
+and peak memory of the Pallas kernels of both families (Triton; Mosaic GPU, bf16 only) against
+the chunked XLA path and, where importable, flash-linear-attention (Triton, PyTorch) and
+jax-linear-attention (Mosaic GPU), for bf16 inputs and fp32 inputs (TF32 policy, Triton only).
+Run through ``benchmarks/gpu_suite.sh``.
 
     python benchmarks/gpu_suite.py                  # the full table, on a GPU
     python benchmarks/gpu_suite.py --dtypes bf16    # bf16 rows only
+    python benchmarks/gpu_suite.py --families mosaic
     python benchmarks/gpu_suite.py --smoke          # tiny shapes on any backend: checks the script runs
+
+Mosaic rows add "triton f+b x": the Triton family's time on the same inputs over the Mosaic
+family's. OSDN rows compare with the peers' DeltaNet (OSDN is DeltaNet plus the preconditioner; the
+target is OSDN within 1.1× of jax-linear-attention's DeltaNet and 1.5× faster than fla's).
 
 Times are medians (ms) of ``--repeats`` calls after warm-up, with ``block_until_ready`` (JAX) or
 ``torch.cuda.synchronize`` (PyTorch), measured in one process. TFLOP/s counts the chunkwise
@@ -76,8 +82,13 @@ def ratio(theirs, ours, repeats) -> float:
     return t_theirs / t_ours
 
 
-def jax_case(op, impl, a, chunk):
-    """(forward fn, forward+backward fn, compiled fwd+bwd) for our paths, inputs as a dict."""
+def jax_case(op, impl, a, chunk, family=None):
+    """(forward fn, forward+backward fn, compiled fwd+bwd) for our paths, inputs as a dict;
+    ``family`` forces the kernel family (traced and compiled under it)."""
+    if family is not None:
+        target = "gpu" if jax.default_backend() == "gpu" else "interpret"
+        with ops.kernel_target(target, family=family):
+            return jax_case(op, impl, a, chunk)
     p = get_preset("may")
 
     def forward(a):
@@ -87,7 +98,7 @@ def jax_case(op, impl, a, chunk):
         return ops.delta_rule(a["q"], a["k"], a["v"], a["beta"], log_decay=a.get("log_decay"), chunk_size=chunk,
                               impl=impl)[0]
 
-    fwd = jax.jit(forward)
+    fwd = jax.jit(forward).lower(a).compile()  # compiled here: under the caller's kernel target
     fb = jax.jit(jax.grad(lambda a: jnp.sum(forward(a).astype(jnp.float32) ** 2)))
     compiled = fb.lower(a).compile()
     return (lambda: jax.block_until_ready(fwd(a))), (lambda: jax.block_until_ready(compiled(a))), compiled
@@ -97,7 +108,7 @@ def fla_case(op, a):
     """flash-linear-attention's Triton chunk kernels under PyTorch, on the same inputs."""
     import torch
 
-    if op == "deltanet":
+    if op in ("deltanet", "osdn"):  # OSDN against fla's DeltaNet
         from fla.ops.delta_rule import chunk_delta_rule as kernel
     else:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as kernel
@@ -132,7 +143,7 @@ def jla_case(op, a):
     from jla.ops.mosaic_gpu import gated_delta_rule as jla_gdr
 
     def forward(a):
-        if op == "deltanet":
+        if op in ("deltanet", "osdn"):  # OSDN against jla's DeltaNet
             return jla_gdr.delta_rule(a["q"], a["k"], a["v"], a["beta"])[0]
         return jla_gdr.gated_delta_rule(a["q"], a["k"], a["v"], a["log_decay"], a["beta"])[0]
 
@@ -234,6 +245,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--ops", nargs="+", default=["deltanet", "gdn", "osdn"])
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    ap.add_argument("--families", nargs="+", choices=["triton", "mosaic"], default=["triton", "mosaic"])
     args = ap.parse_args()
     if args.smoke:  # before any device is touched: the context rows then run on the CPU too
         jax.config.update("jax_num_cpu_devices", SMOKE_CPU_DEVICES)
@@ -242,21 +254,24 @@ def main() -> None:
     chunk = 32 if args.smoke else 64
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), chunk {chunk}; "
           "fp32 rows use the TF32 policy")
-    print("| op | dtype | B, T, H, K | pallas fwd ms | pallas f+b ms | f+b TFLOP/s | roofline | chunked f+b x "
-          "| fla f+b x | jla f+b x | pallas MiB | fla MiB | phase 1 share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for op, dtype, (B, T, H, K) in ((o, d, c) for o in args.ops for d in args.dtypes for c in configs):
+    print("| op | family | dtype | B, T, H, K | pallas fwd ms | pallas f+b ms | f+b TFLOP/s | roofline "
+          "| chunked f+b x | triton f+b x | fla f+b x | jla f+b x | pallas MiB | fla MiB | phase 1 share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = ((o, f, d, c) for o in args.ops for f in args.families for d in args.dtypes for c in configs)
+    for op, family, dtype, (B, T, H, K) in rows:
+        if family == "mosaic" and dtype != "bf16":
+            continue  # the Mosaic family takes bf16 / fp16 inputs only
+        C = 64 if family == "mosaic" else chunk
         a = make_op_inputs(op, B, T, H, K, K, dtype=DTYPES[dtype])
-        fwd, fb, compiled = jax_case(op, "pallas", a, chunk)
+        fwd, fb, compiled = jax_case(op, "pallas", a, C, family)
         t_fwd, t_fb = timed_ms(fwd, repeats), timed_ms(fb, repeats)
-        tflops = 3 * chunk_flops(B, T, H, K, K, chunk) / (t_fb * 1e-3) / 1e12
-        _, chunked_fb, _ = jax_case(op, "chunked", a, chunk)
-        ratios = {"chunked": ratio(chunked_fb, fb, repeats)}
+        tflops = 3 * chunk_flops(B, T, H, K, K, C) / (t_fb * 1e-3) / 1e12
+        _, chunked_fb, _ = jax_case(op, "chunked", a, C)
+        ratios = {"chunked": ratio(chunked_fb, fb, repeats), "triton": None}
+        if family == "mosaic":
+            ratios["triton"] = ratio(jax_case(op, "pallas", a, C, "triton")[1], fb, repeats)
         fla_mib = "-"
         for name, make in (("fla", fla_case), ("jla", jla_case)):
-            if op == "osdn":
-                ratios[name] = None
-                continue
             try:
                 case = make(op, a)
                 ratios[name] = ratio(case[1], fb, repeats)
@@ -272,10 +287,10 @@ def main() -> None:
             share = f"{timed_ms(lambda: jax.block_until_ready(ph1(a['k'], a['d0'])), repeats) / t_fb:.1%}"
         fmt = lambda r: "-" if r is None else (r if isinstance(r, str) else f"{r:.2f}")  # noqa: E731
         mib = f"{peak_mib(compiled):.0f}" if T == 8192 or args.smoke else "-"
-        roof = f"{roofline_ms(op, B, T, H, K, K, chunk, dtype) / t_fb:.0%}"
-        print(f"| {op} | {dtype} | {B}, {T}, {H}, {K} | {t_fwd:.2f} | {t_fb:.2f} | {tflops:.1f} | {roof} "
-              f"| {fmt(ratios['chunked'])} | {fmt(ratios['fla'])} | {fmt(ratios['jla'])} | {mib} | {fla_mib} "
-              f"| {share} |", flush=True)
+        roof = f"{roofline_ms(op, B, T, H, K, K, C, dtype) / t_fb:.0%}"
+        print(f"| {op} | {family} | {dtype} | {B}, {T}, {H}, {K} | {t_fwd:.2f} | {t_fb:.2f} | {tflops:.1f} | {roof} "
+              f"| {fmt(ratios['chunked'])} | {fmt(ratios['triton'])} | {fmt(ratios['fla'])} | {fmt(ratios['jla'])} "
+              f"| {mib} | {fla_mib} | {share} |", flush=True)
     context_rows(args.smoke, args.dtypes[0], repeats, chunk)
 
 

@@ -12,8 +12,11 @@ def test_gpu_suite_smoke():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| gdn") or line.startswith("| osdn")]
-    assert len(rows) == 4, out.stdout  # bf16 and fp32 rows per op
-    assert {row.split("|")[2].strip() for row in rows} == {"bf16", "fp32"}, out.stdout
+    assert len(rows) == 6, out.stdout  # per op: Triton bf16 and fp32, Mosaic bf16 (interpreted here)
+    cells = [[c.strip() for c in row.split("|")] for row in rows]
+    assert sorted((c[2], c[3]) for c in cells if c[1] == "gdn") == [
+        ("mosaic", "bf16"), ("triton", "bf16"), ("triton", "fp32")], out.stdout
+    assert all(c[10] != "-" for c in cells if c[2] == "mosaic"), out.stdout  # the Triton ratio
 
 
 def test_roofline_table():

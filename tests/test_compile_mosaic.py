@@ -30,8 +30,8 @@ def test_quick_subset_compiles_without_spills():
     out = _run("--quick")
     rows = _rows(out)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    assert len(rows) == 4 and {row.split("|")[1].strip() for row in rows} == {
-        "osdn_mosaic_states_fwd", "osdn_mosaic_states_bwd"}, out.stdout
+    assert len(rows) == 6 and {row.split("|")[1].strip() for row in rows} == {  # 2 configs, split sequences
+        "osdn_mosaic_states_fwd", "osdn_mosaic_states_bwd", "osdn_mosaic_states_summary"}, out.stdout
     assert all(row.rstrip().endswith("| yes | yes | ok |") for row in rows), out.stdout
 
 

@@ -73,8 +73,8 @@ def test_preconditioner_rejects():
 
 
 @pytest.mark.parametrize("over, pattern", [
-    (dict(chunk_size=128), r"impl='pallas': the kernels do not cover chunk_size 128"),
-    (dict(q=jnp.ones((B, T, H, 256)), k=jnp.ones((B, T, H, 256))), r"impl='pallas': the kernels do not cover head dims K=256"),
+    (dict(chunk_size=128), r"impl='pallas': the triton kernels do not cover chunk_size 128"),
+    (dict(q=jnp.ones((B, T, H, 256)), k=jnp.ones((B, T, H, 256))), r"impl='pallas': the triton kernels do not cover head dims K=256"),
 ])
 def test_pallas_refuses_what_its_kernels_do_not_cover(over, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -77,3 +77,19 @@ def test_default_family_falls_back_to_triton(dtype, C, precision, arch):
 
     lowered = lower_for_gpu(loss, {"q": case.arrays["q"]}, arch=arch)
     assert not mosaic_calls(lowered) and triton_calls(lowered)
+
+
+def test_few_long_sequences_lower_with_the_split():
+    """B·H too small for the GPU: the forward adds the pieces' summary pass, the backward runs the
+    reverse pass twice (exit cotangents first)."""
+    x = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    loss = lambda q, k, v, b: jnp.sum(run_delta(q, k, v, b).astype(jnp.float32))  # noqa: E731
+    names = [c.name for c in mosaic_calls(lower_for_gpu(jax.grad(loss, argnums=(0, 1, 2, 3)), x(1, 2048, 2, 64),
+                                                        x(1, 2048, 2, 64), x(1, 2048, 2, 64), x(1, 2048, 2)))]
+    assert sorted(names) == sorted(["osdn_mosaic_states_summary", MOSAIC_FWD, MOSAIC_BWD, MOSAIC_BWD]), names
+
+
+def run_delta(q, k, v, b):
+    from osdn_jax import ops
+
+    return ops.delta_rule(q, k, v, b, impl="pallas")[0]

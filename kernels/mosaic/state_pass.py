@@ -1,13 +1,13 @@
 """Mosaic GPU (Hopper) kernels for the serial state passes of the chunkwise delta rule.
 
 Both kernels walk the chunks of one sequence in order (forward) or in reverse (backward), one
-program per ``(b, h, j)`` with ``j`` a 64-wide tile of the value dim, and hold that tile of the
-state (or of its cotangent), ``[K, 64]`` fp32, in the registers of one warpgroup across chunks.
-Per chunk every product is a ``wgmma`` with both operands in swizzled shared memory and an fp32
-register accumulator; the chunk's operands arrive by TMA into the other half of a double buffer
-while the current chunk computes (``copy_gmem_to_smem`` on per-slot barriers, issued one chunk
-ahead). What the pass writes back leaves through SMEM by TMA stores that run while the next
-chunk's products are issued.
+program per ``(b, h, j)`` with ``j`` a 64-wide tile of the value dim. Each program has two
+warpgroups (``_serial_pass``): a copy warpgroup issues every chunk's TMA loads into one half of a
+double buffer in swizzled shared memory while the math warpgroup works on the other half; the math
+warpgroup holds that tile of the state (or of its cotangent), ``[K, 64]`` fp32, in registers across
+chunks, and every product is a ``wgmma`` with both operands in shared memory and an fp32 register
+accumulator. What a pass writes back leaves through SMEM by TMA stores that run while the next
+products are issued.
 
 Forward (``states_forward``), per chunk n (``Wn = −T (β fs K)``, ``Qs = scale fs ⊙ Q``,
 ``P = scale (Q K̃ᵀ ⊙ D)``, ``KT = K̃ ⊙ D[C−1, :]``, ``a`` the chunk's state decay; all prepared per
@@ -23,6 +23,10 @@ Backward (``states_backward``), reverse over n, with ``dVo = Pᵀ dO`` prepared 
     dS_out[n] = dS                    (stored)
     dV'       = dVo + KT dS           (stored)
     dS        ← a dS + Qsᵀ dO + Wnᵀ dV'
+
+The summary pass (``states_forward`` without ``qs`` and ``p``) runs the forward recurrence only,
+for the sequence split: from ``S = [I | 0]`` with values ``[0 | U]`` it returns a piece's affine
+map ``[M | N]`` (``S_exit = M S_entry + N``).
 
 Layouts: every buffer is head-major ``[B, H, T_pad, ·]`` (T_pad a multiple of C = 64), the
 states ``[B, H, K, V]``, ``a [B, H, N_pad]`` (N_pad a multiple of 4: TMA rows are 16-byte
@@ -113,14 +117,19 @@ def smem_bytes(K: int, op_itemsize: int = 2, n_chunks: int = MAX_CHUNKS) -> int:
     return 2 * stage + staging + 4 * (-(-n_chunks // 4) * 4)
 
 
-def _warp_specialized(n_chunks, issue, full, empty, consumer, *, reverse: bool):
-    """Two warpgroups per program. Warpgroup 1 (the copy warpgroup, few registers) issues every
-    chunk's TMA loads into ``slot = i % 2`` (``issue(n, slot)``, arriving on ``full[slot]``), and
-    waits on ``empty[slot]`` before it refills a slot. Warpgroup 0 (the math warpgroup) runs
-    ``consumer(loop)``, where ``loop(step, init)`` folds ``step(n, slot, carry)`` over the chunks
-    (reversed if asked): it waits on ``full[slot]`` and releases the slot on ``empty[slot]`` once
-    ``step``, whose wgmmas are awaited before it returns, is done with it. The copy warpgroup
-    finally waits for the last two releases, so that it has seen every phase of ``empty``."""
+def _serial_pass(n_chunks, issue, step, barriers, *, reverse: bool, decays, state_in, state_out, staging):
+    """One program's pass over the chunks, with two warpgroups.
+
+    Warpgroup 1 (the copy warpgroup, few registers) issues every chunk's TMA loads into
+    ``slot = i % 2`` (``issue(n, slot)``, arriving on ``full[slot]``) and waits on ``empty[slot]``
+    before it refills a slot; at the end it also waits for the last two releases, so that it has
+    seen every phase of ``empty``. Warpgroup 0 (the math warpgroup) loads the chunk decays
+    (``decays = (gmem, smem)``) and the entry state tile ``state_in`` (through the fp32
+    ``staging`` buffer), folds ``step(n, slot, carry)`` over the chunks (reversed if asked; chunk
+    n's loads awaited on ``full[slot]``, the slot released on ``empty[slot]`` once ``step``, whose
+    wgmmas are awaited before it returns, is done with it) and stores the last carry to
+    ``state_out``. ``barriers = (full, empty, once)``."""
+    full, empty, once = barriers
     order = (lambda i: n_chunks - 1 - i) if reverse else (lambda i: i)
     wg = lax.axis_index("wg")
 
@@ -139,30 +148,33 @@ def _warp_specialized(n_chunks, issue, full, empty, consumer, *, reverse: bool):
             issue(order(i), slot)
 
         @pl.loop(max(n_chunks - 2, 0), n_chunks)
-        def _drain(i):  # observe the last releases too: every phase of a barrier is seen by its waiter
+        def _drain(i):
             plgpu.barrier_wait(empty.at[lax.rem(i, 2)])
 
     @pl.when(wg == 0)
     def _math_warpgroup():
         plgpu.set_max_registers(232, action="increase")
+        plgpu.copy_gmem_to_smem(decays[0], decays[1], once)
+        plgpu.copy_gmem_to_smem(state_in, staging, once)
+        plgpu.barrier_wait(once)
 
-        def loop(step, init):
-            def body(i, carry):
-                slot = lax.rem(i, 2)
-                plgpu.barrier_wait(full.at[slot])
-                carry = step(order(i), slot, carry)
-                plgpu.barrier_arrive(empty.at[slot])
-                return carry
+        def body(i, carry):
+            slot = lax.rem(i, 2)
+            plgpu.barrier_wait(full.at[slot])
+            carry = step(order(i), slot, carry)
+            plgpu.barrier_arrive(empty.at[slot])
+            return carry
 
-            return lax.fori_loop(0, n_chunks, body, init)
+        last = lax.fori_loop(0, n_chunks, body, _wgmma_layout(staging))
+        _reuse()
+        _store(last, staging, state_out)
+        plgpu.wait_smem_to_gmem(0)
 
-        consumer(loop)
 
-
-def _barriers():
-    """``full`` (the five TMA loads of a slot), ``empty`` (the math warpgroup released a slot),
-    ``once`` (the chunk decays and the incoming state tile)."""
-    return (plgpu.Barrier(num_arrivals=5, num_barriers=2), plgpu.Barrier(num_arrivals=1, num_barriers=2),
+def _barriers(loads: int = 5):
+    """``full`` (the ``loads`` TMA loads of a slot), ``empty`` (the math warpgroup released a
+    slot), ``once`` (the chunk decays and the incoming state tile)."""
+    return (plgpu.Barrier(num_arrivals=loads, num_barriers=2), plgpu.Barrier(num_arrivals=1, num_barriers=2),
             plgpu.Barrier(num_arrivals=2))
 
 
@@ -182,54 +194,69 @@ def _reuse():
 def states_forward(qs, wn, kt, p, u, a, s0, *, out_dtype, interpret=None):
     """``qs, wn, kt [B, H, Tp, K]``, ``p [B, H, Tp, C]`` (operand dtype), ``u [B, H, Tp, V]`` fp32,
     ``a [B, H, N_pad]`` fp32, ``s0 [B, H, K, V]`` fp32. Returns ``o [B, H, Tp, V]`` (out_dtype),
-    ``s_in [B, H, N·K, V]`` and ``v' [B, H, Tp, V]`` (operand dtype), ``s_final [B, H, K, V]`` fp32."""
+    ``s_in [B, H, N·K, V]`` and ``v' [B, H, Tp, V]`` (operand dtype), ``s_final [B, H, K, V]`` fp32.
+
+    ``qs`` and ``p`` None: the summary pass, which returns only ``s_final`` (no outputs, no
+    per-chunk states; the sequence split runs it with ``s0 = [I | 0]``, ``u = [0 | U]``)."""
     B, H, Tp, K = wn.shape
     sh = Shapes(B, H, K, u.shape[-1], Tp // C)
     op = wn.dtype
+    summary = qs is None
 
-    def body(qs_ref, wn_ref, kt_ref, p_ref, u_ref, a_ref, s0_ref, o_ref, sin_ref, vn_ref, sfin_ref,
-             qs_s, wn_s, kt_s, p_s, u_s, a_s, s_s, vn_s, o_s, sf_s, full, empty, once):
+    def body(*refs):
+        if summary:
+            (wn_ref, kt_ref, u_ref, a_ref, s0_ref, sfin_ref,
+             wn_s, kt_s, u_s, a_s, s_s, vn_s, sf_s, full, empty, once) = refs
+        else:
+            (qs_ref, wn_ref, kt_ref, p_ref, u_ref, a_ref, s0_ref, o_ref, sin_ref, vn_ref, sfin_ref,
+             qs_s, wn_s, kt_s, p_s, u_s, a_s, s_s, vn_s, o_s, sf_s, full, empty, once) = refs
         b, h, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("j")
         cols = pl.ds(j * BV, BV)
 
         def issue(n, slot):
             rows = pl.ds(n * C, C)
-            plgpu.copy_gmem_to_smem(qs_ref.at[b, h, rows], qs_s.at[slot], full.at[slot])
             plgpu.copy_gmem_to_smem(wn_ref.at[b, h, rows], wn_s.at[slot], full.at[slot])
             plgpu.copy_gmem_to_smem(kt_ref.at[b, h, rows], kt_s.at[slot], full.at[slot])
-            plgpu.copy_gmem_to_smem(p_ref.at[b, h, rows], p_s.at[slot], full.at[slot])
             plgpu.copy_gmem_to_smem(u_ref.at[b, h, rows, cols], u_s.at[slot], full.at[slot])
+            if not summary:
+                plgpu.copy_gmem_to_smem(qs_ref.at[b, h, rows], qs_s.at[slot], full.at[slot])
+                plgpu.copy_gmem_to_smem(p_ref.at[b, h, rows], p_s.at[slot], full.at[slot])
 
         def step(n, slot, S):
             rows = pl.ds(n * C, C)
             _reuse()  # the previous chunk's stores have read s_s, vn_s, o_s
-            _store(S, s_s, sin_ref.at[b, h, pl.ds(n * K, K), cols])
+            s_s[...] = S.astype(op)
+            plgpu.commit_smem()
+            if not summary:
+                plgpu.copy_smem_to_gmem(s_s, sin_ref.at[b, h, pl.ds(n * K, K), cols])
             v_new = _wgmma(wn_s.at[slot], s_s, (C, BV)) + _wgmma_layout(u_s.at[slot])
-            _store(v_new, vn_s, vn_ref.at[b, h, rows, cols])
-            out = _wgmma2(qs_s.at[slot], s_s, p_s.at[slot], vn_s, (C, BV))
-            _store(out, o_s, o_ref.at[b, h, rows, cols])
+            vn_s[...] = v_new.astype(op)
+            plgpu.commit_smem()
+            if not summary:
+                plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[b, h, rows, cols])
+                out = _wgmma2(qs_s.at[slot], s_s, p_s.at[slot], vn_s, (C, BV))
+                _store(out, o_s, o_ref.at[b, h, rows, cols])
             return a_s[n] * S + _wgmma(kt_s.at[slot].T, vn_s, (K, BV))
 
-        def consumer(loop):
-            plgpu.copy_gmem_to_smem(a_ref.at[b, h], a_s, once)
-            plgpu.copy_gmem_to_smem(s0_ref.at[b, h, :, cols], sf_s, once)
-            plgpu.barrier_wait(once)
-            S = loop(step, _wgmma_layout(sf_s))
-            _reuse()
-            _store(S, sf_s, sfin_ref.at[b, h, :, cols])
-            plgpu.wait_smem_to_gmem(0)
+        _serial_pass(sh.N, issue, step, (full, empty, once), reverse=False, decays=(a_ref.at[b, h], a_s),
+                     state_in=s0_ref.at[b, h, :, cols], state_out=sfin_ref.at[b, h, :, cols], staging=sf_s)
 
-        _warp_specialized(sh.N, issue, full, empty, consumer, reverse=False)
-
-    out_type = (jax.ShapeDtypeStruct((B, H, Tp, sh.V), out_dtype), jax.ShapeDtypeStruct((B, H, sh.N * K, sh.V), op),
-                jax.ShapeDtypeStruct((B, H, Tp, sh.V), op), jax.ShapeDtypeStruct((B, H, K, sh.V), f32))
-    scratch = [_swizzled((2, C, K), op), _swizzled((2, C, K), op), _swizzled((2, C, K), op), _swizzled((2, C, C), op),
-               plgpu.SMEM((2, C, BV), f32), plgpu.SMEM((sh.N_pad,), f32),
-               _swizzled((K, BV), op), _swizzled((C, BV), op), _swizzled((C, BV), out_dtype), plgpu.SMEM((K, BV), f32),
-               *_barriers()]
-    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=sh.grid, grid_names=("b", "h", "j"),
-                        num_threads=2, thread_name="wg", interpret=interpret,
-                        kernel_name="osdn_mosaic_states_fwd")(qs, wn, kt, p, u, a, s0)
+    key_tile, u_tile = _swizzled((2, C, K), op), plgpu.SMEM((2, C, BV), f32)
+    decays, state_f32 = plgpu.SMEM((sh.N_pad,), f32), plgpu.SMEM((K, BV), f32)
+    state_op, values_op = _swizzled((K, BV), op), _swizzled((C, BV), op)
+    final = jax.ShapeDtypeStruct((B, H, K, sh.V), f32)
+    if summary:  # wn_s, kt_s, u_s, a_s, s_s, vn_s, sf_s
+        scratch = [key_tile, key_tile, u_tile, decays, state_op, values_op, state_f32, *_barriers(3)]
+        out_type, operands = final, (wn, kt, u, a, s0)
+    else:  # qs_s, wn_s, kt_s, p_s, u_s, a_s, s_s, vn_s, o_s, sf_s
+        scratch = [key_tile, key_tile, key_tile, _swizzled((2, C, C), op), u_tile, decays, state_op, values_op,
+                   _swizzled((C, BV), out_dtype), state_f32, *_barriers(5)]
+        out_type = (jax.ShapeDtypeStruct((B, H, Tp, sh.V), out_dtype), jax.ShapeDtypeStruct((B, H, sh.N * K, sh.V), op),
+                    jax.ShapeDtypeStruct((B, H, Tp, sh.V), op), final)
+        operands = (qs, wn, kt, p, u, a, s0)
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=sh.grid,
+                        grid_names=("b", "h", "j"), num_threads=2, thread_name="wg", interpret=interpret,
+                        kernel_name="osdn_mosaic_states_summary" if summary else "osdn_mosaic_states_fwd")(*operands)
 
 
 def states_backward(qs, wn, kt, do, dvo, a, ds_final, *, interpret=None):
@@ -261,16 +288,8 @@ def states_backward(qs, wn, kt, do, dvo, a, ds_final, *, interpret=None):
             _store(dv_new, dvn_s, dvn_ref.at[b, h, rows, cols])
             return a_s[n] * dS + _wgmma2(qs_s.at[slot].T, do_s.at[slot], wn_s.at[slot].T, dvn_s, (K, BV))
 
-        def consumer(loop):
-            plgpu.copy_gmem_to_smem(a_ref.at[b, h], a_s, once)
-            plgpu.copy_gmem_to_smem(dsf_ref.at[b, h, :, cols], sf_s, once)
-            plgpu.barrier_wait(once)
-            dS = loop(step, _wgmma_layout(sf_s))
-            _reuse()
-            _store(dS, sf_s, ds0_ref.at[b, h, :, cols])
-            plgpu.wait_smem_to_gmem(0)
-
-        _warp_specialized(sh.N, issue, full, empty, consumer, reverse=True)
+        _serial_pass(sh.N, issue, step, (full, empty, once), reverse=True, decays=(a_ref.at[b, h], a_s),
+                     state_in=dsf_ref.at[b, h, :, cols], state_out=ds0_ref.at[b, h, :, cols], staging=sf_s)
 
     out_type = (jax.ShapeDtypeStruct((B, H, sh.N * K, sh.V), op), jax.ShapeDtypeStruct((B, H, Tp, sh.V), op),
                 jax.ShapeDtypeStruct((B, H, K, sh.V), f32))
