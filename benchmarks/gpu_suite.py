@@ -31,18 +31,23 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import pathlib
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
+# On a CPU (--smoke) the Mosaic rows run in Mosaic GPU's interpreter, which needs a CPU thread pool
+# of 4 or more (osdn_jax.kernels.mosaic.delta_rule); XLA sizes it by NPROC, read when JAX starts.
+os.environ.setdefault("NPROC", str(max(8, os.cpu_count() or 1)))
 
-from osdn_jax import get_preset, ops
-from osdn_jax.compare import interleaved_seconds, make_op_inputs, median_seconds, peak_mib
-from osdn_jax.kernels.preconditioner import preconditioner_pallas
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from osdn_jax import get_preset, ops  # noqa: E402
+from osdn_jax.compare import interleaved_seconds, make_op_inputs, median_seconds, peak_mib  # noqa: E402
+from osdn_jax.kernels.preconditioner import preconditioner_pallas  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from roofline import HBM_BYTES_PER_S, PEAK_FLOPS, kernel_costs  # noqa: E402

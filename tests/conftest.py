@@ -4,6 +4,11 @@ import pytest
 
 # Tests run on the CPU backend; the Pallas kernels run there with interpret=True.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Mosaic GPU's interpreter runs each warpgroup of a kernel as its own computation on JAX's CPU
+# thread pool, next to the computation that launched them; with the pool sized by this 2-core
+# machine (2 threads) a warpgroup waiting on a barrier can starve the other one for good. XLA's
+# CPU client sizes its pool by NPROC when it is set. Subprocesses inherit it.
+os.environ.setdefault("NPROC", str(max(8, os.cpu_count() or 1)))
 # The suite is dominated by XLA:CPU compiles of small programs (the Pallas interpreter above all);
 # skipping LLVM's backend optimisations compiles them ~40% faster. Numerics are unchanged (no
 # fast-math either way). Subprocesses inherit it.

@@ -163,3 +163,20 @@ def test_pieces_fill_the_gpu_but_stay_long():
     assert pieces_for(8, 16, 128, 64) == 1  # 256 programs: no split
     assert pieces_for(1, 4, 128, 64) == 8  # 8 programs → 64 needs 16 pieces, but 64 chunks allow 8 of ≥ 8
     assert pieces_for(1, 1, 64, 10) == 1  # too short to split
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's thread pool")
+def test_interpreter_refuses_a_thread_pool_that_would_deadlock():
+    """With 2 CPU pool threads the interpreter's two warpgroups can starve each other forever: the
+    call is refused with the way out instead."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'tests'); import jax.numpy as jnp; from inputs import make_case, run; "
+            "from osdn_jax import ops\n"
+            "with ops.kernel_target('interpret', family='mosaic'):\n"
+            "    run(make_case('gdn', B=1, T=40, dtype=jnp.bfloat16), 'pallas')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NPROC": "2"}, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.returncode != 0 and "Start it with NPROC=4" in out.stderr, out.stderr[-2000:]

@@ -6,8 +6,8 @@ Same contract and math as ``osdn_jax.ops.chunked`` (see its docstring). The work
 - **Per chunk, all chunks in parallel** (XLA, fp32): ``A = strict(diag(β) K K̃ᵀ ⊙ D)``, the
   triangular solve ``T = (I + A)⁻¹``, the WY factors ``W = T (β fs K)`` and ``U = T (β V)``, the
   masked scores ``P = scale (Q K̃ᵀ ⊙ D)``, and in the backward every gradient once the states are
-  known (``osdn_jax.ops.chunked.grads_per_chunk``). These are batched matmuls over ``B·H·N``
-  chunks, which XLA runs at full occupancy.
+  known (``osdn_jax.ops.chunked.grads_per_chunk``): batched matmuls over all ``B·H·N`` chunks at
+  once.
 - **Serial over chunks** (Mosaic GPU, ``state_pass``): the state pass fused with the output
   (``V' = U − W S``, ``O = Qs S + P V'``, ``S ← a S + KTᵀ V'``) and the reverse pass for the state
   cotangent. Operands in the input dtype (bf16 / fp16) by TMA into swizzled SMEM, double
@@ -17,19 +17,24 @@ OSDN's write key ``d ⊙ k`` is formed in the per-chunk stage. Documents (``segm
 gate, initial and final state are folded into ``D``, ``fs`` and the chunk decays ``a`` there, so
 the kernels see one shape of problem. T is zero-padded to a multiple of C = 64 (inert tokens),
 head dims to 64 or 128 (K) and a multiple of 64 (V).
+
+When ``B · H · V/64`` programs cannot fill the GPU, each sequence is cut into pieces that run side
+by side (``pieces_for``): the pieces' affine maps ``S_exit = M S_entry + N`` (the summary pass)
+give every piece its entry state, and the backward combines the transposed maps the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 
 from osdn_jax.kernels.config import Target
 from osdn_jax.kernels.mosaic import state_pass
-from osdn_jax.ops.chunked import chunk_layout, forward_parts, from_chunks, grads_per_chunk, unit_lower_inverse
+from osdn_jax.ops.chunked import chunk_layout, forward_parts, grads_per_chunk, unit_lower_inverse
 
 f32 = jnp.float32
 C = state_pass.C
@@ -98,7 +103,24 @@ class _Static:
             return None
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
+        _check_interpreter_threads()
         return plgpu.InterpretGPUParams(detect_races=True)
+
+
+INTERPRETER_THREADS = 4
+
+
+def _check_interpreter_threads():
+    """Mosaic GPU's interpreter runs each warpgroup of a kernel (two here) as its own computation on
+    JAX's CPU thread pool, beside the computation that launched them; with fewer than 4 pool
+    threads a warpgroup waiting on a barrier can starve the other one, and the call never returns.
+    XLA's CPU client sizes the pool by the NPROC environment variable, else by the CPUs."""
+    pool = os.environ.get("NPROC", "")
+    threads = int(pool) if pool.isdigit() else len(os.sched_getaffinity(0))
+    if threads < INTERPRETER_THREADS:
+        raise RuntimeError(f"interpreting the Mosaic GPU kernels needs {INTERPRETER_THREADS} or more CPU pool threads "
+                           f"(one per warpgroup plus the caller's); this process has {threads}. Start it with "
+                           f"NPROC={INTERPRETER_THREADS} (or more) in the environment, set before JAX starts.")
 
 
 def _to_pieces(x, P, dtype=None, fill=0.0):

@@ -50,7 +50,7 @@ def _to_chunks(x: jax.Array, C: int) -> jax.Array:
     return x
 
 
-def from_chunks(x: jax.Array, T: int) -> jax.Array:
+def _from_chunks(x: jax.Array, T: int) -> jax.Array:
     """``[N, B, H, C, V]`` → ``[B, T, H, V]``."""
     N, B, H, C, V = x.shape
     x = jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(B, N * C, H, V)
@@ -259,7 +259,7 @@ def delta_rule_chunked(q, k, v, beta, *, write_key=None, log_decay=None, scale, 
     S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
     q_c, k_c, kw_c, v_c, b_c, G, within, carry = parts
     o, S_final = _chunk_core(log_decay is not None, q_c, k_c, kw_c, v_c, b_c, G, S0, within, carry)
-    return from_chunks(o, T).astype(v.dtype), S_final
+    return _from_chunks(o, T).astype(v.dtype), S_final
 
 
 def transition_summary(k, v, beta, *, write_key=None, log_decay=None, segment_ids=None, chunk_size=64):
