@@ -171,6 +171,16 @@ def _serial_pass(n_chunks, issue, step, barriers, *, reverse: bool, decays, stat
         plgpu.wait_smem_to_gmem(0)
 
 
+def _load_chunk(n, slot, bar, head, cols, *, rows=(), tiles=()):
+    """Chunk n's TMA loads into ``slot``, all arriving on ``bar[slot]``: whole rows of each
+    ``(gmem, smem)`` in ``rows``, the value columns ``cols`` of each in ``tiles``."""
+    chunk = pl.ds(n * C, C)
+    for src, dst in rows:
+        plgpu.copy_gmem_to_smem(src.at[(*head, chunk)], dst.at[slot], bar.at[slot])
+    for src, dst in tiles:
+        plgpu.copy_gmem_to_smem(src.at[(*head, chunk, cols)], dst.at[slot], bar.at[slot])
+
+
 def _barriers(loads: int = 5):
     """``full`` (the ``loads`` TMA loads of a slot), ``empty`` (the math warpgroup released a
     slot), ``once`` (the chunk decays and the incoming state tile)."""
@@ -214,13 +224,8 @@ def states_forward(qs, wn, kt, p, u, a, s0, *, out_dtype, interpret=None):
         cols = pl.ds(j * BV, BV)
 
         def issue(n, slot):
-            rows = pl.ds(n * C, C)
-            plgpu.copy_gmem_to_smem(wn_ref.at[b, h, rows], wn_s.at[slot], full.at[slot])
-            plgpu.copy_gmem_to_smem(kt_ref.at[b, h, rows], kt_s.at[slot], full.at[slot])
-            plgpu.copy_gmem_to_smem(u_ref.at[b, h, rows, cols], u_s.at[slot], full.at[slot])
-            if not summary:
-                plgpu.copy_gmem_to_smem(qs_ref.at[b, h, rows], qs_s.at[slot], full.at[slot])
-                plgpu.copy_gmem_to_smem(p_ref.at[b, h, rows], p_s.at[slot], full.at[slot])
+            rows = ((wn_ref, wn_s), (kt_ref, kt_s)) + (() if summary else ((qs_ref, qs_s), (p_ref, p_s)))
+            _load_chunk(n, slot, full, (b, h), cols, rows=rows, tiles=((u_ref, u_s),))
 
         def step(n, slot, S):
             rows = pl.ds(n * C, C)
@@ -273,12 +278,8 @@ def states_backward(qs, wn, kt, do, dvo, a, ds_final, *, interpret=None):
         cols = pl.ds(j * BV, BV)
 
         def issue(n, slot):
-            rows = pl.ds(n * C, C)
-            plgpu.copy_gmem_to_smem(qs_ref.at[b, h, rows], qs_s.at[slot], full.at[slot])
-            plgpu.copy_gmem_to_smem(wn_ref.at[b, h, rows], wn_s.at[slot], full.at[slot])
-            plgpu.copy_gmem_to_smem(kt_ref.at[b, h, rows], kt_s.at[slot], full.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[b, h, rows, cols], do_s.at[slot], full.at[slot])
-            plgpu.copy_gmem_to_smem(dvo_ref.at[b, h, rows, cols], dvo_s.at[slot], full.at[slot])
+            _load_chunk(n, slot, full, (b, h), cols, rows=((qs_ref, qs_s), (wn_ref, wn_s), (kt_ref, kt_s)),
+                        tiles=((do_ref, do_s), (dvo_ref, dvo_s)))
 
         def step(n, slot, dS):
             rows = pl.ds(n * C, C)
