@@ -156,10 +156,11 @@ def _piece_decays(a, P):
     return jnp.pad(a, ((0, 0), (0, 0), (0, (-L) % 4)))
 
 
-def _operands(st: _Static, q, k, kw, v, b, G, within, carry):
-    """The per-chunk factors the serial passes read, in chunked layout (fp32), and their residuals."""
+def _operands(st: _Static, q, k, kw, v, b, G, within, carry, Tm=None):
+    """The per-chunk factors the serial passes read, in chunked layout (fp32); ``Tm``: the saved
+    inverse (the backward), else solved here."""
     D, fs, a, _, A = forward_parts(q, k, kw, v, b, G if st.has_gate else None, within, carry)
-    Tm = unit_lower_inverse(A)
+    Tm = unit_lower_inverse(A) if Tm is None else Tm
     W = _mm("...ij,...jk->...ik", Tm, (b * fs)[..., None] * k)
     U = _mm("...ij,...jv->...iv", Tm, b[..., None] * v)
     P = _mm("...ik,...jk->...ij", q, kw) * D
@@ -215,7 +216,7 @@ def _core_bwd(st: _Static, res, cotangents):
     dO, dS_final = cotangents
     N, B, H, _, K = q.shape
     V, P = v.shape[-1], st.pieces
-    _, W, _, Pm, KT, Qs, a = _operands(st, q, k, kw, v, b, G, within, carry)
+    _, W, _, Pm, KT, Qs, a = _operands(st, q, k, kw, v, b, G, within, carry, Tm)
     dO_c = _from_kernel(dO, N)
     dvo = _mm("...ij,...iv->...jv", Pm, dO_c)
     operands = (_to_pieces(Qs, P, st.op), _to_pieces(-W, P, st.op), _to_pieces(KT, P, st.op),
