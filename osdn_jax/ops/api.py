@@ -121,9 +121,10 @@ def _osdn_chunked_fn(q, k, v, beta, d0, *, precond, log_gamma=None, log_decay=No
 _osdn_chunked = jax.jit(_osdn_chunked_fn, static_argnames=("precond", "scale", "chunk_size"))
 
 
-# "auto" picks the kernels only for the (GPU generation, operand dtype) pairs that passed the GPU
-# suite (benchmarks/gpu_suite.sh) on a real GPU; until then they are tested in interpret mode and
-# compiled to GPU code on CPU (benchmarks/compile_kernels.py), never run natively.
+# "auto" picks the kernels only for the (family, GPU generation, operand dtype) triples that passed
+# the GPU suite (benchmarks/gpu_suite.sh) on a real GPU; until then they are tested in interpret
+# mode and compiled to GPU code on CPU (benchmarks/compile_kernels.py, compile_mosaic.py), never
+# run natively.
 PALLAS_VERIFIED_ON_GPU: frozenset[tuple[str, str, str]] = frozenset()
 
 
