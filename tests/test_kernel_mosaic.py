@@ -170,6 +170,7 @@ def test_interpreter_refuses_a_thread_pool_that_would_deadlock():
     """With 2 CPU pool threads the interpreter's two warpgroups can starve each other forever: the
     call is refused with the way out instead."""
     import os
+    import pathlib
     import subprocess
     import sys
 
@@ -178,5 +179,5 @@ def test_interpreter_refuses_a_thread_pool_that_would_deadlock():
             "with ops.kernel_target('interpret', family='mosaic'):\n"
             "    run(make_case('gdn', B=1, T=40, dtype=jnp.bfloat16), 'pallas')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "NPROC": "2"}, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+                         env={**os.environ, "NPROC": "2"}, cwd=str(pathlib.Path(__file__).parents[1]))
     assert out.returncode != 0 and "Start it with NPROC=4" in out.stderr, out.stderr[-2000:]

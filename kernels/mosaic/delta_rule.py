@@ -141,7 +141,8 @@ def _from_pieces(x, P, rows):
 
 
 def _from_kernel(x, N):
-    """Head-major ``[B, H, N·C, d]`` → chunked ``[N, B, H, C, d]`` (fp32)."""
+    """Head-major ``[B, H, N·r, d]`` (r rows per chunk: C tokens, or K for the per-chunk states) →
+    chunked ``[N, B, H, r, d]`` (fp32)."""
     B, H, Tp, d = x.shape
     return jnp.transpose(x.reshape(B, H, N, Tp // N, d), (2, 0, 1, 3, 4)).astype(f32)
 
@@ -233,10 +234,9 @@ def _core_bwd(st: _Static, res, cotangents):
     dS_out, dv_new, dS0 = state_pass.states_backward(*operands, dS_exit, interpret=st.interpret_params)
     dS_out, dv_new = _from_pieces(dS_out, P, N * K), _from_pieces(dv_new, P, N * C)
     dS0 = dS0.reshape(B, P, H, K, V)[:, 0]
-    states = lambda x: jnp.transpose(x.reshape(B, H, N, K, -1), (2, 0, 1, 3, 4)).astype(f32)  # noqa: E731
     dq, dk, dkw, dv, db, dG = grads_per_chunk(
-        st.has_gate, q, k, kw, v, b, G if st.has_gate else None, within, carry, Tm, states(S_in),
-        _from_kernel(v_new, N), dO_c, _from_kernel(dv_new, N), states(dS_out))
+        st.has_gate, q, k, kw, v, b, G if st.has_gate else None, within, carry, Tm, _from_kernel(S_in, N),
+        _from_kernel(v_new, N), dO_c, _from_kernel(dv_new, N), _from_kernel(dS_out, N))
     if dG is None:
         dG = jnp.zeros_like(G)
     return dq, dk, dkw, dv, db, dG, dS0, None, None
