@@ -63,3 +63,13 @@ def test_context_memory_smoke():
     peak = {(level, int(p)): float(mib) for level, _, p, mib, *_ in rows}
     for level in ("op", "model"):
         assert peak[level, 8] < 0.25 * peak[level, 1], out.stdout
+
+
+def test_prepare_data_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prepare_data.py"), "--mb", "2", "0.5",
+                          "--tokenizers", "byte", "--workers", "2", "--skip-first-step", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.split("|")[1:2] == [" byte "] or
+            line.replace(" ", "").startswith("|byte|")]
+    assert len(rows) == 2, out.stdout

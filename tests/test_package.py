@@ -55,4 +55,5 @@ def test_console_script_and_packaged_corpus():
 
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
     assert scripts.get("osdn-train") == "osdn_jax.train.__main__:main"
+    assert scripts.get("osdn-prepare") == "osdn_jax.train.prepare:main"
     assert resources.files("osdn_jax.train").joinpath("corpus/kjv.txt.gz").is_file()

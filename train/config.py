@@ -17,7 +17,7 @@ from pathlib import Path
 
 from osdn_jax.model import ModelConfig, model_config
 from osdn_jax.ops.checks import require
-from osdn_jax.train import sources
+from osdn_jax.train import shards, sources
 from osdn_jax.train.data import DataConfig
 
 
@@ -192,6 +192,8 @@ class LogConfig:
 
 def _source_from_suffix(path: str) -> str | None:
     """The ``data.source`` that ``path``'s suffix names (``.jsonl`` -> jsonl), or None."""
+    if (Path(path) / shards.INDEX_FILE).is_file():
+        return "shards"
     suffixes = {"text": sources.TEXT_SUFFIXES, "jsonl": sources.JSONL_SUFFIXES, "npy": (".npy",), "bin": (".bin",)}
     return next((kind for kind, ends in suffixes.items() if path.endswith(ends)), None)
 
@@ -240,7 +242,7 @@ class TrainConfig:
         if self.data.source == "embedded" and self.data.path:
             kind = _source_from_suffix(self.data.path)
             hint = f" (its suffix says --data.source {kind})" if kind else ""
-            raise ValueError(f"data.path={self.data.path!r} needs data.source text, jsonl, npy or bin{hint}: "
+            raise ValueError(f"data.path={self.data.path!r} needs data.source text, jsonl, npy, bin or shards{hint}: "
                              "data.source='embedded' (the default) is the packaged corpus, which reads no path")
 
     def _check_mesh_fits_batch(self) -> None:
@@ -339,9 +341,11 @@ PROG = "python -m osdn_jax.train"
 # its docstring, which tyro does not read per field; these entries replace the table's where the
 # command line needs other words.
 DATA_FLAG_HELP = {
-    "source": "embedded (the packaged KJV excerpt; takes no data.path) | text | jsonl | npy | bin",
+    "source": "embedded (the packaged KJV excerpt; takes no data.path) | text | jsonl | npy | bin | shards "
+              "(a folder made by python -m osdn_jax.train.prepare)",
     "path": "what data.source reads: a file, or a folder searched recursively for *.txt(.gz) (text), "
-            "*.jsonl(.gz) (jsonl), *.npy or *.bin files; required by every source but embedded",
+            "*.jsonl(.gz) (jsonl), *.npy or *.bin files, or a prepared folder (shards); required by every "
+            "source but embedded",
     "batch_size": "the global batch: rows per step over all processes and devices, split over "
                   "mesh.data × mesh.fsdp devices (each row's seq_len positions over mesh.context)",
 }

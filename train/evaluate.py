@@ -41,7 +41,7 @@ from flax import nnx
 
 from osdn_jax.generate import generate
 from osdn_jax.model import CausalLM
-from osdn_jax.train import data as data_lib, report
+from osdn_jax.train import data as data_lib, report, shards
 from osdn_jax.train.checkpoint import restore_newest_params, restore_params
 from osdn_jax.train.config import TrainConfig, from_dict, run_settings
 from osdn_jax.train.step import make_eval_step, mean_loss
@@ -167,8 +167,10 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     """``--data`` and how to read it into windows of documents (the training readers)."""
     from osdn_jax.train.perplexity import SOURCE_SUFFIXES
 
-    p.add_argument("--data", required=True, help="a file or directory of text / JSONL / token files")
-    p.add_argument("--source", choices=list(SOURCE_SUFFIXES), default=None, help="default: from the suffix")
+    p.add_argument("--data", required=True,
+                   help="a file or directory of text / JSONL / token files, or a prepared folder (shards)")
+    p.add_argument("--source", choices=[*SOURCE_SUFFIXES, "shards"], default=None,
+                   help="default: from the suffix (shards: a folder with index.json)")
     p.add_argument("--text-field", default="text", help="JSONL: the field holding the document text (text)")
     p.add_argument("--doc-split", choices=list(data_lib.DOC_SPLITS), default="blank_line",
                    help="text files: documents end at blank lines (default), or one per file")
@@ -225,6 +227,8 @@ def _data_errors():
 
 def _ppl_arguments(p: argparse.ArgumentParser) -> None:
     _data_arguments(p)
+    p.add_argument("--heldout", action="store_true",
+                   help="a prepared folder: its held-out documents only (default: every document)")
     p.add_argument("--buckets", type=int, default=None,
                    help="N equal-width position buckets (default: powers of two)")
 
@@ -237,10 +241,15 @@ def _ppl(args: argparse.Namespace) -> None:
     run = _load(args)
     cfg = _data_config(args, run)
     source = cfg.source
+    if args.heldout and source != "shards":
+        raise ValueError(f"--heldout: needs a prepared folder (source shards), --data is {source}")
     with _data_errors():
+        doc_ids = None
+        if args.heldout:  # the folder's own split, whatever the run held out
+            doc_ids = data_lib.prepared_split(dataclasses.replace(cfg, eval_fraction=shards.read_index(cfg.path).eval_fraction))[1]
         by_position, summary = perplexity.evaluate_perplexity(run.model, run.tokenizer, cfg,
                                                               max_batches=args.max_batches,
-                                                              progress=not args.no_progress)
+                                                              progress=not args.no_progress, doc_ids=doc_ids)
     buckets = by_position.buckets(perplexity.position_buckets(cfg.seq_len, args.buckets))
     print(f"{args.data} ({source}): {summary['documents']} documents, {summary['tokens_in_source']:,} targets; "
           f"{summary['batches']} batches of {cfg.batch_size}x{cfg.seq_len}, {summary['tokens']:,} targets counted")

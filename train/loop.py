@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -51,28 +50,14 @@ def _check_paths(cfg: TrainConfig) -> None:
 
 
 class _Data:
-    """This process's rows of the global batches, for either ``data_split``."""
+    """This process's rows of the global batches, for either ``data_split`` (``data.make_process_data``)."""
 
     def __init__(self, cfg: TrainConfig, tokenizer):
-        pi, pc = jax.process_index(), jax.process_count()
-        B = cfg.data.batch_size
-        if B % pc:
-            raise ValueError(f"data.batch_size: expected a multiple of the process count {pc}, got {B}")
-        self.rows = slice(pi * (B // pc), (pi + 1) * (B // pc))
-        self.per_process = cfg.data_split == "documents"
-        if self.per_process:
-            local = dataclasses.replace(cfg.data, batch_size=B // pc)
-            self.iterator = data_lib.make_train_iterator(local, tokenizer, pi, pc)
-            self.eval = data_lib.make_eval_batches(local, tokenizer, cfg.eval_batches, pi, pc)
-        else:
-            self.iterator = data_lib.make_train_iterator(cfg.data, tokenizer, 0, 1)
-            self.eval = [self._mine(b) for b in data_lib.make_eval_batches(cfg.data, tokenizer, cfg.eval_batches)]
-
-    def _mine(self, batch):
-        return batch if self.per_process else {k: v[self.rows] for k, v in batch.items()}
+        self.iterator, self.eval = data_lib.make_process_data(cfg.data, tokenizer, cfg.data_split, cfg.eval_batches,
+                                                              jax.process_index(), jax.process_count())
 
     def next(self) -> dict[str, np.ndarray]:
-        return self._mine(next(self.iterator))
+        return next(self.iterator)
 
 
 def _check_context(cfg: TrainConfig, model_cfg) -> None:

@@ -27,7 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from osdn_jax.model import CausalLM
-from osdn_jax.train import data as data_lib, sources
+from osdn_jax.train import data as data_lib, shards, sources
 from osdn_jax.train.report import perplexity as ppl_of
 from osdn_jax.train.step import token_losses
 from osdn_jax.train.tokenizer import Tokenizer
@@ -42,10 +42,12 @@ SOURCE_SUFFIXES = {
 
 def infer_source(path: str | Path) -> str:
     """``text`` / ``jsonl`` / ``npy`` / ``bin`` from a file's suffix, or from the kind of files under a
-    directory (exactly one kind must be there)."""
+    directory (exactly one kind must be there); ``shards`` for a prepared folder."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"--data: {p} does not exist")
+    if (p / shards.INDEX_FILE).is_file():
+        return "shards"
 
     def kind(name: str) -> str | None:
         return next((k for k, suffixes in SOURCE_SUFFIXES.items() if name.endswith(suffixes)), None)
@@ -119,25 +121,27 @@ class PositionLoss:
         return rows
 
 
-def count_targets(cfg: data_lib.DataConfig, tokenizer: Tokenizer) -> tuple[int, int]:
-    """``(documents, next-token targets)`` of the whole source under ``cfg``."""
-    lengths = data_lib.load_documents(cfg, tokenizer).lengths + int(cfg.append_eos)
+def count_targets(cfg: data_lib.DataConfig, tokenizer: Tokenizer, doc_ids: np.ndarray | None = None) -> tuple[int, int]:
+    """``(documents, next-token targets)`` of documents ``doc_ids`` (default: the whole source) under ``cfg``."""
+    lengths = data_lib.load_documents(cfg, tokenizer).lengths
+    lengths = (lengths if doc_ids is None else lengths[doc_ids]) + int(cfg.append_eos)
     return int(lengths.shape[0]), int(np.maximum(lengths - 1, 0).sum())
 
 
 def evaluate_perplexity(model: CausalLM, tokenizer: Tokenizer, cfg: data_lib.DataConfig, *,
-                        max_batches: int | None = None, progress: bool = True) -> tuple[PositionLoss, dict]:
-    """Loss by position over every document of ``cfg``'s source (at most ``max_batches`` batches of
-    ``cfg.batch_size`` rows of ``cfg.seq_len``). Returns the per-position sums and a summary dict
-    (documents, batches, tokens, loss, ppl)."""
-    documents, total = count_targets(cfg, tokenizer)
+                        max_batches: int | None = None, progress: bool = True,
+                        doc_ids: np.ndarray | None = None) -> tuple[PositionLoss, dict]:
+    """Loss by position over documents ``doc_ids`` of ``cfg``'s source (default: every document; at
+    most ``max_batches`` batches of ``cfg.batch_size`` rows of ``cfg.seq_len``). Returns the
+    per-position sums and a summary dict (documents, batches, tokens, loss, ppl)."""
+    documents, total = count_targets(cfg, tokenizer, doc_ids)
     graphdef, params = nnx.split(model, nnx.Param)
     step = jax.jit(lambda p, b: token_losses(graphdef, p, b))
     params = nnx.to_pure_dict(params)
     acc = PositionLoss.zeros(cfg.seq_len)
     batches = 0
     with tqdm(total=total, unit="tok", unit_scale=True, desc="ppl", disable=not progress) as bar:
-        for batch in data_lib.iter_document_batches(cfg, tokenizer):
+        for batch in data_lib.iter_document_batches(cfg, tokenizer, doc_ids):
             if max_batches is not None and batches == max_batches:
                 break
             losses = np.asarray(step(params, batch))

@@ -1,5 +1,6 @@
 """The paper's training runs as named recipes (SPEC §3, §5): ``python -m osdn_jax.train --recipe
-osdn-340m --data.source jsonl --data.path fineweb-edu/``.
+osdn-340m --data.source shards --data.path DIR``, DIR made once by ``python -m osdn_jax.train.prepare
+fineweb-edu/ --out DIR --tokenizer bpe --bpe-vocab-size 32000`` (docs/data.md).
 
 A recipe is a whole ``TrainConfig``: the model preset of the same name, bf16 compute, context 4096,
 AdamW at lr 1e-3 with warmup 1024 (340M) / 2048 (1.3B) steps and cosine decay to 0.1×, gradient
@@ -9,7 +10,8 @@ Where the paper is silent the recipe says what it assumes: 0.5M tokens per step 
 4096; the DeltaNet / Gated DeltaNet papers' batch at these sizes), hence 19,073 steps for the
 10B-token 340M runs and 190,734 for the 100B-token 1.3B runs; a 32,000-token BPE trained on the
 data (the paper's vocabulary size; pass ``--data.tokenizer-path`` for a specific tokenizer). The
-corpus (FineWeb-Edu 10B / 100B) is the user's to give: ``--data.source`` and ``--data.path``.
+corpus (FineWeb-Edu 10B / 100B) is the user's to give: ``--data.source`` and ``--data.path`` (a
+prepared folder brings its own tokenizer, which must be a BPE here or ``--data.tokenizer`` changes).
 """
 
 from __future__ import annotations

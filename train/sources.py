@@ -20,10 +20,11 @@ at least one token. Empty token documents (two separators in a row) are dropped 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import importlib.resources
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,27 @@ class Documents:
     def lengths(self) -> np.ndarray:
         """[D] int64 tokens per document."""
         return self.end - self.start
+
+    @functools.cached_property
+    def bases(self) -> np.ndarray:
+        """[F + 1] int64: where each array starts when the arrays are laid end to end."""
+        return np.concatenate([[0], np.cumsum([a.shape[0] for a in self.arrays], dtype=np.int64)])
+
+    @functools.cached_property
+    def global_start(self) -> np.ndarray:
+        """[D] int64: where each document starts in the arrays laid end to end (``gather``'s positions)."""
+        return self.bases[self.file] + self.start
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        """The int32 tokens at ``positions`` [N] (int64, in the arrays laid end to end). Reads only
+        those tokens of a memory-mapped array."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty(positions.shape, np.int32)
+        which = np.searchsorted(self.bases, positions, side="right") - 1
+        for f in np.unique(which):
+            at = which == f
+            out[at] = self.arrays[int(f)][positions[at] - self.bases[f]]
+        return out
 
     def tokens(self, i: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Tokens ``[lo:hi]`` of document ``i`` as int32 (a copy; reads only that span)."""
@@ -120,41 +142,140 @@ def list_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     return files
 
 
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file (``.gz`` decompressed), streamed line by line.
+
+    Lines end at ``\\n`` only (a trailing ``\\r`` is dropped); a byte-order mark is dropped; a line that
+    is not UTF-8 raises ValueError naming the file and the line.
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            for n, raw in enumerate(fh, start=1):
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"path: {path}:{n} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+                yield n, line.rstrip("\n").removesuffix("\r")
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"path: {path} cannot be read ({e})") from None
+
+
+def iter_text_documents(path: Path, doc_split: str) -> Iterator[str]:
+    """Documents of one text file, in order (the module docstring's rules), streamed for
+    ``"blank_line"``; ``"file"`` reads the file as one document."""
+    if doc_split == "file":
+        text = _read_text_file(path).strip()
+        if text:
+            yield text
+        return
+    if doc_split != "blank_line":
+        raise ValueError(f"doc_split must be 'blank_line' or 'file', got {doc_split!r}")
+    current: list[str] = []
+    for _, line in _decoded_lines(path):
+        if line.strip():
+            current.append(line)
+        elif current:
+            yield "\n".join(current)
+            current = []
+    if current:
+        yield "\n".join(current)
+
+
 def read_text_documents(path: str | Path, doc_split: str) -> list[str]:
     """Documents of a text file or directory (``doc_split``: ``"blank_line"`` or ``"file"``)."""
-    docs: list[str] = []
-    for f in list_files(path, TEXT_SUFFIXES):
-        text = _read_text_file(f)
-        if doc_split == "file":
-            docs.append(text.strip())
-        elif doc_split == "blank_line":
-            docs.extend(split_blank_lines(text))
-        else:
-            raise ValueError(f"doc_split must be 'blank_line' or 'file', got {doc_split!r}")
-    return [d for d in docs if d.strip()]
+    if doc_split not in ("blank_line", "file"):
+        raise ValueError(f"doc_split must be 'blank_line' or 'file', got {doc_split!r}")
+    return [d for f in list_files(path, TEXT_SUFFIXES) for d in iter_text_documents(f, doc_split)]
+
+
+def iter_jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    """The non-blank ``text_field`` strings of one JSONL file, in order, streamed line by line."""
+    for n, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"path: {path}:{n} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f"text_field: {path}:{n} has no field {text_field!r}")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"text_field: {path}:{n} field {text_field!r} is {type(text).__name__}, not str")
+        if text.strip():
+            yield text
 
 
 def read_jsonl_documents(path: str | Path, text_field: str) -> list[str]:
     """The ``text_field`` string of every record of a JSONL file or directory."""
-    docs: list[str] = []
-    for f in list_files(path, JSONL_SUFFIXES):
-        for n, line in enumerate(_read_text_file(f).split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"path: {f}:{n} is not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(f"text_field: {f}:{n} has no field {text_field!r}")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"text_field: {f}:{n} field {text_field!r} is {type(text).__name__}, not str"
-                )
-            if text.strip():
-                docs.append(text)
-    return docs
+    return [d for f in list_files(path, JSONL_SUFFIXES) for d in iter_jsonl_documents(f, text_field)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet (read by ``python -m osdn_jax.train.prepare``; needs pyarrow, the ``data`` extra)
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("Parquet input needs pyarrow: pip install 'osdn-jax[data]'") from None
+    return pq
+
+
+def parquet_row_groups(path: Path, column: str) -> list[int]:
+    """Uncompressed bytes of each row group of a Parquet file, after checking that it opens and has
+    a string (or binary) ``column``. Errors name the file and the column."""
+    pq = _pyarrow_parquet()
+    import pyarrow as pa
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+        schema = meta.schema.to_arrow_schema()
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
+        raise ValueError(f"path: {path} is not a readable Parquet file ({e})") from None
+    if column not in schema.names:
+        raise ValueError(f"text_column: {path} has no column {column!r} (columns: {', '.join(schema.names)})")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind) or pa.types.is_string_view(kind)):
+        raise ValueError(f"text_column: {path} column {column!r} holds {kind}, not strings")
+    return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+
+
+def iter_parquet_documents(path: Path, column: str, row_groups: Sequence[int], batch_rows: int = 1024) -> Iterator[str]:
+    """The non-blank ``column`` strings of ``row_groups`` of a Parquet file, in order, streamed one
+    record batch at a time (peak memory: one batch, not the file). Null values are skipped."""
+    pq = _pyarrow_parquet()
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise ValueError(f"path: {path} is not a readable Parquet file ({e})") from None
+    for rg in row_groups:
+        row = 0
+        for values in _parquet_values(pf, path, rg, column, batch_rows):
+            for value in values:
+                if isinstance(value, bytes):
+                    try:
+                        value = value.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"path: {path} row group {rg} row {row} is not UTF-8 text "
+                                         f"({e.reason} at byte {e.start})") from None
+                row += 1
+                if value is not None and value.strip():
+                    yield value
+
+
+def _parquet_values(pf, path: Path, rg: int, column: str, batch_rows: int) -> Iterator[list]:
+    """``column``'s values of row group ``rg``, one record batch at a time; read errors name the row group."""
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=[column]):
+            yield batch.column(0).to_pylist()
+    except Exception as e:  # ArrowInvalid, OSError, ... from a damaged page
+        raise ValueError(f"path: {path} row group {rg} cannot be read ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------

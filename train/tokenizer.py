@@ -229,8 +229,9 @@ def save_tokenizer(tok: Tokenizer, run_dir: str | Path) -> Path:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Read a tokenizer from a run directory or a record file.
 
-    Accepts ``run_dir``, ``run_dir/tokenizer.json`` (our record) or a plain ``tokenizers`` BPE
-    JSON file (taken as ``kind="bpe"``).
+    Accepts ``run_dir``, ``run_dir/tokenizer.json`` (our record) or a Hugging Face ``tokenizer.json``
+    (taken as ``kind="bpe"``; its EOS is the ``eos_token`` of a ``tokenizer_config.json`` beside it, as
+    in the fla checkpoints, else ``<|endoftext|>``).
     """
     path = Path(path)
     if path.is_dir():
@@ -242,5 +243,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if isinstance(d, dict) and "format" in d:
         return tokenizer_from_dict(d)
     if isinstance(d, dict) and "model" in d:
-        return BpeTokenizer(text)
+        return BpeTokenizer(text, eos_token=_hf_eos_token(path.parent / "tokenizer_config.json"))
     raise ValueError(f"tokenizer_path: {path} is neither a tokenizer record nor a tokenizers JSON")
+
+
+def _hf_eos_token(config: Path) -> str | None:
+    """The ``eos_token`` of a Hugging Face ``tokenizer_config.json`` (a string or ``{"content": ...}``)."""
+    if not config.is_file():
+        return None
+    eos = json.loads(config.read_text()).get("eos_token")
+    return eos.get("content") if isinstance(eos, dict) else eos

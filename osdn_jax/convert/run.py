@@ -39,11 +39,7 @@ def _tokenizer(spec: str | None, source: Path, vocab_size: int) -> Tokenizer:
     elif spec is not None:
         tok = load_tokenizer(spec)
     elif (source / "tokenizer.json").is_file():
-        eos = None
-        if (source / "tokenizer_config.json").is_file():
-            eos = json.loads((source / "tokenizer_config.json").read_text()).get("eos_token")
-            eos = eos.get("content") if isinstance(eos, dict) else eos
-        tok = BpeTokenizer((source / "tokenizer.json").read_text(), eos_token=eos)
+        tok = load_tokenizer(source / "tokenizer.json")  # its EOS from tokenizer_config.json beside it
     else:
         raise ValueError(f"tokenizer: {source} has no tokenizer.json; pass --tokenizer (byte, a tokenizer.json or a "
                          "run directory)")
