@@ -192,7 +192,7 @@ class LogConfig:
 
 def _source_from_suffix(path: str) -> str | None:
     """The ``data.source`` that ``path``'s suffix names (``.jsonl`` -> jsonl), or None."""
-    if (Path(path) / shards.INDEX_FILE).is_file():
+    if shards.is_prepared(path):
         return "shards"
     suffixes = {"text": sources.TEXT_SUFFIXES, "jsonl": sources.JSONL_SUFFIXES, "npy": (".npy",), "bin": (".bin",)}
     return next((kind for kind, ends in suffixes.items() if path.endswith(ends)), None)

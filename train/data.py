@@ -175,6 +175,11 @@ def _prepared(cfg: DataConfig) -> _Prepared:
     return _cached(("shards", _source_key(cfg)), lambda: _Prepared(*shards.open_documents(cfg.path)))
 
 
+def prepared_heldout(cfg: DataConfig) -> np.ndarray:
+    """The held-out document numbers a prepared folder fixed at prepare time, whatever ``cfg`` holds out."""
+    return _prepared(cfg).heldout
+
+
 def prepared_split(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) document numbers of a prepared folder: the split fixed at prepare time, whose
     ``eval_fraction`` the config must name (so that a run says what it holds out)."""
@@ -348,7 +353,8 @@ class _Rows:
     """Packed batches of positions -> the batch contract, for rows ``rows`` of each batch only.
 
     ``rows=None`` keeps every row. A short batch (the end of a pass) is first padded to
-    ``batch_size`` rows, so a process's rows are the same rows of the same global batch."""
+    ``batch_size`` rows (``loss_mask`` 0), so a process's rows are the same rows of the same global
+    batch."""
 
     docs: sources.Documents
     eos_id: int | None
@@ -357,10 +363,10 @@ class _Rows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pos, seg = batch["tokens"], batch["tokens_segment_ids"]
+        missing = self.batch_size - pos.shape[0]
+        if missing:
+            pos, seg = (np.concatenate([x, np.zeros((missing, x.shape[1]), x.dtype)]) for x in (pos, seg))
         if self.rows is not None:
-            missing = self.batch_size - pos.shape[0]
-            if missing:
-                pos, seg = (np.concatenate([x, np.zeros((missing, x.shape[1]), x.dtype)]) for x in (pos, seg))
             pos, seg = pos[self.rows], seg[self.rows]
         tokens = np.zeros(pos.shape, np.int32)
         real = seg > 0
@@ -469,14 +475,6 @@ def _padding_batch(cfg: DataConfig, rows: slice | None = None) -> dict[str, np.n
     return batch_from_packed(z, z)
 
 
-def _pad_rows(cfg: DataConfig, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    missing = cfg.batch_size - batch["inputs"].shape[0]
-    if missing == 0:
-        return batch
-    pad = _padding_batch(cfg)
-    return {k: np.concatenate([v, pad[k][:missing]]) for k, v in batch.items()}
-
-
 def make_eval_batches(
     cfg: DataConfig,
     tokenizer: Tokenizer,
@@ -512,8 +510,7 @@ def iter_document_batches(
     if doc_ids is None:
         doc_ids = np.arange(len(load_documents(cfg, tokenizer)), dtype=np.int64)
     pieces = _pieces(cfg, tokenizer, np.asarray(doc_ids, dtype=np.int64))
-    for batch in _packed_batches(cfg, pieces, grain.MapDataset.source(pieces), drop_remainder=False, rows=rows):
-        yield batch if rows is not None else _pad_rows(cfg, batch)
+    yield from _packed_batches(cfg, pieces, grain.MapDataset.source(pieces), drop_remainder=False, rows=rows)
 
 
 def make_process_data(

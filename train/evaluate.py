@@ -41,7 +41,7 @@ from flax import nnx
 
 from osdn_jax.generate import generate
 from osdn_jax.model import CausalLM
-from osdn_jax.train import data as data_lib, report, shards
+from osdn_jax.train import data as data_lib, report
 from osdn_jax.train.checkpoint import restore_newest_params, restore_params
 from osdn_jax.train.config import TrainConfig, from_dict, run_settings
 from osdn_jax.train.step import make_eval_step, mean_loss
@@ -246,7 +246,7 @@ def _ppl(args: argparse.Namespace) -> None:
     with _data_errors():
         doc_ids = None
         if args.heldout:  # the folder's own split, whatever the run held out
-            doc_ids = data_lib.prepared_split(dataclasses.replace(cfg, eval_fraction=shards.read_index(cfg.path).eval_fraction))[1]
+            doc_ids = data_lib.prepared_heldout(cfg)
         by_position, summary = perplexity.evaluate_perplexity(run.model, run.tokenizer, cfg,
                                                               max_batches=args.max_batches,
                                                               progress=not args.no_progress, doc_ids=doc_ids)

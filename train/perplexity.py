@@ -46,23 +46,12 @@ def infer_source(path: str | Path) -> str:
     p = Path(path)
     if not p.exists():
         raise ValueError(f"--data: {p} does not exist")
-    if (p / shards.INDEX_FILE).is_file():
+    if shards.is_prepared(p):
         return "shards"
-
-    def kind(name: str) -> str | None:
-        return next((k for k, suffixes in SOURCE_SUFFIXES.items() if name.endswith(suffixes)), None)
-
-    if p.is_file():
-        k = kind(p.name)
-        if k is None:
-            raise ValueError(f"--source: cannot tell the kind of {p} from its suffix; pass --source "
-                             f"{'|'.join(SOURCE_SUFFIXES)}")
-        return k
-    kinds = sorted({k for f in p.rglob("*") if f.is_file() and (k := kind(f.name))})
-    if len(kinds) != 1:
-        found = f"files of kinds {kinds}" if kinds else "no text / JSONL / token files"
-        raise ValueError(f"--source: {p} holds {found}; pass --source {'|'.join(SOURCE_SUFFIXES)}")
-    return kinds[0]
+    try:
+        return sources.infer_kind(p, SOURCE_SUFFIXES, "text / JSONL / token files")
+    except ValueError as e:
+        raise ValueError(f"--source: {e}") from None
 
 
 def position_buckets(seq_len: int, num_buckets: int | None = None) -> list[tuple[int, int]]:

@@ -135,23 +135,10 @@ def input_files(cfg: PrepareConfig) -> tuple[str, list[Path]]:
     p = Path(cfg.corpus)
     if not p.exists():
         raise ValueError(f"corpus: {p} does not exist")
-
-    def kind_of(name: str) -> str | None:
-        return next((k for k, ends in INPUT_SUFFIXES.items() if name.endswith(ends)), None)
-
-    if cfg.source is not None:
-        kind = cfg.source
-    elif p.is_file():
-        kind = kind_of(p.name)
-        if kind is None:
-            raise ValueError(f"corpus: cannot tell the kind of {p} from its suffix; pass --source "
-                             f"{'|'.join(INPUT_SUFFIXES)}")
-    else:
-        kinds = sorted({k for f in p.rglob("*") if f.is_file() and (k := kind_of(f.name))})
-        if len(kinds) != 1:
-            found = f"files of kinds {kinds}" if kinds else "no Parquet / JSONL / text files"
-            raise ValueError(f"corpus: {p} holds {found}; pass --source {'|'.join(INPUT_SUFFIXES)}")
-        kind = kinds[0]
+    try:
+        kind = cfg.source or sources.infer_kind(p, INPUT_SUFFIXES, "Parquet / JSONL / text files")
+    except ValueError as e:
+        raise ValueError(f"corpus: {e}") from None
     try:
         files = sources.list_files(p, INPUT_SUFFIXES[kind])
     except ValueError as e:

@@ -24,7 +24,7 @@ import functools
 import gzip
 import importlib.resources
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -104,16 +104,20 @@ def embedded_text() -> str:
 
 def split_blank_lines(text: str) -> list[str]:
     """Documents of ``text`` under the blank-line rule (see the module docstring)."""
-    docs, current = [], []
-    for line in text.replace("\r\n", "\n").split("\n"):
+    return list(_blank_line_documents(text.replace("\r\n", "\n").split("\n")))
+
+
+def _blank_line_documents(lines: Iterable[str]) -> Iterator[str]:
+    """Maximal runs of non-blank ``lines`` (without line ends), each joined with ``\\n``."""
+    current: list[str] = []
+    for line in lines:
         if line.strip():
             current.append(line)
         elif current:
-            docs.append("\n".join(current))
+            yield "\n".join(current)
             current = []
     if current:
-        docs.append("\n".join(current))
-    return docs
+        yield "\n".join(current)
 
 
 def _read_text_file(path: Path) -> str:
@@ -140,6 +144,25 @@ def list_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     if not files:
         raise ValueError(f"path: no {'/'.join('*' + s for s in suffixes)} files under {p}")
     return files
+
+
+def infer_kind(path: Path, suffixes: dict[str, tuple[str, ...]], what: str) -> str:
+    """The kind (a key of ``suffixes``) of a file from its suffix, or of the files under a folder
+    (exactly one kind must be there). ValueError otherwise, ending in the ``--source`` hint; ``what``
+    names the files looked for (``"text / JSONL / token files"``)."""
+    def kind(name: str) -> str | None:
+        return next((k for k, ends in suffixes.items() if name.endswith(ends)), None)
+
+    hint = f"pass --source {'|'.join(suffixes)}"
+    if path.is_file():
+        if (k := kind(path.name)) is None:
+            raise ValueError(f"cannot tell the kind of {path} from its suffix; {hint}")
+        return k
+    kinds = sorted({k for f in path.rglob("*") if f.is_file() and (k := kind(f.name))})
+    if len(kinds) != 1:
+        found = f"files of kinds {kinds}" if kinds else f"no {what}"
+        raise ValueError(f"{path} holds {found}; {hint}")
+    return kinds[0]
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -173,15 +196,7 @@ def iter_text_documents(path: Path, doc_split: str) -> Iterator[str]:
         return
     if doc_split != "blank_line":
         raise ValueError(f"doc_split must be 'blank_line' or 'file', got {doc_split!r}")
-    current: list[str] = []
-    for _, line in _decoded_lines(path):
-        if line.strip():
-            current.append(line)
-        elif current:
-            yield "\n".join(current)
-            current = []
-    if current:
-        yield "\n".join(current)
+    yield from _blank_line_documents(line for _, line in _decoded_lines(path))
 
 
 def read_text_documents(path: str | Path, doc_split: str) -> list[str]:
