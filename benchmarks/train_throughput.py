@@ -5,11 +5,12 @@
     python benchmarks/train_throughput.py --presets osdn-340m deltanet-340m --seq-len 4096 \
         --batch 8 --compute-dtype bfloat16                      # one GPU (H200)
 
-FLOPs per token (an estimate, stated so it can be checked): 6 × the matmul parameters (everything
-but the embedding table) plus the chunked delta rule, per layer and head ≈ 3 × (6·K·V + 4·C·K +
-4·C·V) for C = 64 (forward ≈ ⅓, backward ≈ ⅔). MFU divides by the device's peak: on a CPU the
-measured throughput of a large fp32 matmul on this machine, on a GPU the nominal dense peak of the
-compute dtype (H200: 989 TFLOP/s bf16, 494 TFLOP/s tf32/fp32 tensor cores).
+FLOPs per token: `osdn_jax.flops.flops_per_token` (the formula is in that module's docstring: 6 × the
+matmul parameters plus the chunked delta rule, ≈ 3 × (6·K·V + 4·C·K + 4·C·V) per layer and head, and
+causal attention where the model has it). MFU divides by the device's peak: on a CPU the measured
+throughput of a large fp32 matmul on this machine, on a GPU the nominal dense peak of the compute
+dtype from `osdn_jax.flops.PEAK_TFLOPS` (H200: 989 TFLOP/s bf16, 494 TFLOP/s tf32/fp32 tensor
+cores; the H200's when the GPU is not in the table).
 """
 
 from __future__ import annotations
@@ -26,17 +27,13 @@ from flax import nnx
 
 from osdn_jax import CausalLM, count_params, model_config
 from osdn_jax.compare import median_seconds
+from osdn_jax.flops import device_peak_flops, flops_per_token
 from osdn_jax.train.step import make_train_step  # (no grain / tyro needed: runs on bare GPU images)
 
-GPU_PEAK_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}  # H200 SXM, dense
 
-
-def flops_per_token(cfg) -> float:
-    n = count_params(cfg) - cfg.vocab_size * cfg.hidden_size  # the embedding lookup is not a matmul
-    K = V = cfg.head_dim
-    C = cfg.mixer.chunk_size
-    op = 3 * (6 * K * V + 4 * C * K + 4 * C * V) * cfg.num_heads * cfg.num_layers
-    return 6.0 * n + op
+def gpu_peak_flops(compute_dtype: str) -> float:
+    """The nominal dense peak of GPU 0 (``osdn_jax.flops``), else the H200's."""
+    return device_peak_flops(jax.devices()[0].device_kind, compute_dtype) or device_peak_flops("H200", compute_dtype)
 
 
 def cpu_peak_flops() -> float:
@@ -101,8 +98,8 @@ def main(argv=None) -> None:
             cfg = dataclasses.replace(cfg, mixer=dataclasses.replace(cfg.mixer, impl=args.impl))
             s = step_seconds(cfg, args.batch, args.seq_len, args.repeats)
             tok_s = args.batch * args.seq_len / s
-            flops = flops_per_token(cfg) * tok_s
-            device_peak = GPU_PEAK_TFLOPS[cfg.compute_dtype] * 1e12 if on_gpu else peak
+            flops = flops_per_token(cfg, args.seq_len) * tok_s
+            device_peak = gpu_peak_flops(cfg.compute_dtype) if on_gpu else peak
             rows[(preset, cfg.mixer_name)] = tok_s
             print(f"| {preset:14s} | {cfg.mixer_name:8s} | {count_params(cfg) / 1e6:7.1f}M | {1e3 * s:9.1f} | "
                   f"{tok_s:10.0f} | {flops / 1e12:8.3f} | {100 * flops / device_peak:5.1f}% |", flush=True)

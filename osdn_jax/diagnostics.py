@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from osdn_jax.mixers import mixer_class
 from osdn_jax.model import CausalLM, check_tokens
 
 # Ratios are floored here before the logarithm: an exact write (w_t = 1) has ratio 0, whose log
@@ -24,12 +25,13 @@ RATIO_FLOOR = 1e-12
 def write_strengths(model: CausalLM, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """``w [L, B, T, H]`` (fp32): the write strength of every layer's mixer on ``tokens [B, T]``."""
     check_tokens("tokens", tokens, model.config.vocab_size, 2, "[B, T]")
-    if not all(hasattr(b.mixer, "write_strength") for b in model.blocks):
+    layers = range(model.config.num_layers)
+    if not all(hasattr(mixer_class(model.config.layer_mixer(i)), "write_strength") for i in layers):
         raise ValueError(f"model: the recall residual ratio needs delta-rule mixers (deltanet, gdn, osdn, os_gdn); "
                          f"this model's mixer is {model.config.mixer_name!r}")
     x = model.embed(tokens)
     out = []
-    for block in model.blocks:
+    for block in map(model.layer, layers):
         out.append(block.mixer.write_strength(block.mixer_norm(x), segment_ids))
         x, _ = block(x, segment_ids)
     return jnp.stack(out)

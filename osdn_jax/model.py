@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from osdn_jax.layer_stacks import convert_layout, layer_view, stack_blocks
 from osdn_jax.layers import RMSNorm, SwiGLU, annotated, dense, mlp_width
 from osdn_jax.mixers import (MIXERS, AnyMixerCache, AttentionConfig, DeltaNetConfig, GatedDeltaNetConfig,
                              MixerConfig, OSDNConfig, OSGatedDeltaNetConfig, mixer_class, mixer_config)
@@ -41,6 +42,9 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     max_seq_len: int = 4096  # longest prompt / training row accepted
     remat: bool = False  # rematerialise each block in the backward pass
+    # Stack the blocks' parameters and run each group of identical layers as one scan (compiled once
+    # per group, not once per layer); False: one module per layer (``osdn_jax.layer_stacks``)
+    scan_layers: bool = True
     tie_embeddings: bool = False  # the LM head is the embedding matrix (transposed); no lm_head
     attention_layers: tuple[int, ...] = ()  # hybrid: these layers are softmax attention ...
     attention: AttentionConfig = AttentionConfig()  # ... with this config
@@ -71,6 +75,16 @@ class ModelConfig:
     def layer_mixer(self, index: int) -> MixerConfig:
         """The mixer config of layer ``index``: ``attention`` for the hybrid's attention layers."""
         return self.attention if index in self.attention_layers else self.mixer
+
+    def layer_groups(self) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` of each run of consecutive layers with the same mixer config: the groups a
+        scanned model stacks (one group unless ``attention_layers`` makes a hybrid)."""
+        groups, start = [], 0
+        for i in range(1, self.num_layers + 1):
+            if i == self.num_layers or self.layer_mixer(i) != self.layer_mixer(start):
+                groups.append((start, i))
+                start = i
+        return tuple(groups)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; the mixer configs carry their ``name`` (``from_dict`` inverts it)."""
@@ -120,12 +134,14 @@ _MIXER_PREFIX = {"deltanet": DeltaNetConfig, "gdn": GatedDeltaNetConfig, "osdn":
                  "os-gdn": OSGatedDeltaNetConfig, "attention": AttentionConfig}
 
 PRESETS: dict[str, ModelConfig] = {
-    # Runs in seconds on a CPU; vocab fits the byte-level tokenizer (256 bytes + specials).
+    # Runs in seconds on a CPU; vocab fits the byte-level tokenizer (256 bytes + specials). The CPU
+    # presets keep one module per layer: scanning 2 or 6 layers barely shortens the compile and
+    # makes a CPU training step 12-19 % (tiny) or 5 % (small) slower (docs/scale.md).
     "tiny": ModelConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=2, compute_dtype="float32",
-                        max_seq_len=1024),
+                        max_seq_len=1024, scan_layers=False),
     # ~20M parameters (byte-level vocab): CPU experiments and benchmarks.
     "small": ModelConfig(vocab_size=512, hidden_size=512, num_layers=6, num_heads=8, compute_dtype="float32",
-                         max_seq_len=2048),
+                         max_seq_len=2048, scan_layers=False),
     **{f"{prefix}-{size}": ModelConfig(mixer=cls(), **dims) for prefix, cls in _MIXER_PREFIX.items()
        for size, dims in _SIZES.items()},
     # The paper's OSDN runs (SPEC §3, §5): the 'apr' preset; the 340M run without APF clipped d to
@@ -237,12 +253,23 @@ class CausalLM(nnx.Module):
         self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=pdtype,
                                embedding_init=annotated(nnx.initializers.normal(config.init_range),
                                                         ("vocab", "embed")), rngs=rngs)
-        self.blocks = nnx.List([Block(config, rngs=rngs, mixer=config.layer_mixer(i))
-                                for i in range(config.num_layers)])
+        blocks = [Block(config, rngs=rngs, mixer=config.layer_mixer(i)) for i in range(config.num_layers)]
+        if config.scan_layers:
+            self.stacks = nnx.List([stack_blocks(blocks[a:b]) for a, b in config.layer_groups()])
+        else:
+            self.blocks = nnx.List(blocks)
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=pdtype)
         if not config.tie_embeddings:
             self.lm_head = dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs,
                                  init_range=config.init_range, dtype=dtype, param_dtype=pdtype)
+
+    @classmethod
+    def from_params(cls, config: ModelConfig, params: dict) -> "CausalLM":
+        """A model of ``config`` holding ``params``: a pure dict of parameters in either layer layout
+        (``osdn_jax.layer_stacks``), e.g. ``nnx.to_pure_dict(nnx.state(other_model, nnx.Param))``."""
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))), nnx.Param)
+        nnx.replace_by_pure_dict(state, convert_layout(params, config))
+        return nnx.merge(graphdef, state)
 
     def head(self, x: jax.Array) -> jax.Array:
         """Logits ``[..., vocab]`` (fp32) of final-normed hidden states ``x [..., hidden]``: the LM head,
@@ -251,16 +278,41 @@ class CausalLM(nnx.Module):
             return self.embed.attend(x).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
 
+    def head_function(self):
+        """``(fn, params)``: ``head`` as a pure function ``fn(params, x) -> logits`` of the head's own
+        parameters (the embedding when ``tie_embeddings``), for losses that transform it
+        (``osdn_jax.loss``); gradients through ``params`` reach this model's parameters."""
+        module = self.embed if self.config.tie_embeddings else self.lm_head
+        graphdef, params = nnx.split(module)
+        call = (lambda m, x: m.attend(x)) if self.config.tie_embeddings else (lambda m, x: m(x))
+        return lambda p, x: call(nnx.merge(graphdef, p), x).astype(jnp.float32), params
+
+    def layer(self, index: int) -> Block:
+        """Block ``index``: the module itself (unrolled), or a copy of its slice of the stack (scanned:
+        reading it is free inside ``jit``; writing to it changes nothing in the model)."""
+        if not self.config.scan_layers:
+            return self.blocks[index]
+        for stack, (start, stop) in zip(self.stacks, self.config.layer_groups()):
+            if start <= index < stop:
+                return layer_view(stack, index - start)
+        raise IndexError(f"layer {index} of a model with {self.config.num_layers} layers")
+
     def _run(self, tokens, segment_ids, caches, mode, head=True):
         x = self.embed(tokens)
         new = []
-        for i, block in enumerate(self.blocks):
-            cache = None if caches is None else caches.layers[i]
-            if self.config.remat and mode == "forward":
-                x, c = nnx.remat(lambda b, h, s: b(h, s))(block, x, segment_ids)
-            else:
-                x, c = block(x, segment_ids, cache, mode)
-            new.append(c)
+        if mode == "forward" and self.config.scan_layers:
+            scan = _SCAN_REMAT if self.config.remat else _SCAN
+            for stack in self.stacks:
+                x = scan(x, stack, segment_ids)
+        else:
+            for i in range(self.config.num_layers):
+                block = self.layer(i)
+                cache = None if caches is None else caches.layers[i]
+                if self.config.remat and mode == "forward":
+                    x, c = nnx.remat(lambda b, h, s: b(h, s))(block, x, segment_ids)
+                else:
+                    x, c = block(x, segment_ids, cache, mode)
+                new.append(c)
         x = self.norm(x)
         logits = self.head(x) if head else x
         return logits, (None if mode == "forward" else ModelCache(tuple(new)))
@@ -286,7 +338,8 @@ class CausalLM(nnx.Module):
         max_len = self.config.max_seq_len if max_len is None else max_len
         require(isinstance(max_len, int) and 1 <= max_len <= self.config.max_seq_len, "max_len",
                  f"1 <= max_len <= max_seq_len={self.config.max_seq_len}", max_len)
-        return ModelCache(tuple(b.mixer.init_cache(batch_size, max_len) for b in self.blocks))
+        return ModelCache(tuple(self.layer(i).mixer.init_cache(batch_size, max_len)
+                                for i in range(self.config.num_layers)))
 
     def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                 cache: ModelCache | None = None) -> tuple[jax.Array, ModelCache]:
@@ -306,6 +359,15 @@ class CausalLM(nnx.Module):
         check_tokens("token", token, self.config.vocab_size, 1, "[B]")
         logits, cache = self._run(token, None, cache, "step")
         return logits, cache
+
+
+def _apply_block(x, block, segment_ids):
+    return block(x, segment_ids)[0]
+
+
+# x [B, T, hidden] through a stack of blocks: one traced block, scanned over the stacked layer axis
+_SCAN = nnx.scan(_apply_block, in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+_SCAN_REMAT = nnx.scan(nnx.remat(_apply_block), in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
 
 
 def count_params(config: ModelConfig) -> int:

@@ -73,3 +73,20 @@ def test_prepare_data_smoke(tmp_path):
     rows = [line for line in out.stdout.splitlines() if line.split("|")[1:2] == [" byte "] or
             line.replace(" ", "").startswith("|byte|")]
     assert len(rows) == 2, out.stdout
+
+
+def test_train_step_memory_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_memory.py"), "--preset", "tiny",
+                          "--batch", "2", "--seq-len", "64", "--vocab", "512", "--loss-chunk", "16"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| dense") or line.startswith("| chunked")]
+    assert len(rows) == 4, out.stdout
+
+
+def test_compile_time_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_time.py"), "--preset", "tiny",
+                          "--layers", "2", "--seq-len", "32", "--repeats", "1", "--step-time"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sum(line.startswith("|      2 |") for line in out.stdout.splitlines()) == 2, out.stdout

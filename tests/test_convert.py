@@ -106,7 +106,7 @@ def test_upcycle_to_osdn_keeps_the_logits(name):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
 
     grads = jax.grad(loss)(params)
-    assert float(jnp.abs(grads["blocks"][0]["mixer"]["d0"][...]).max()) > 0
+    assert float(jnp.abs(grads["stacks"][0]["mixer"]["d0"][...]).max()) > 0
 
 
 MIXERS = {
@@ -149,8 +149,7 @@ def test_osdn_exports_as_deltanet_where_exact(tmp_path):
     with pytest.raises(ValueError, match="d0 is not all ones; nothing was written"):
         save_fla(model, tmp_path / "bad", as_deltanet=True)
     assert not (tmp_path / "bad").exists()
-    for block in model.blocks:
-        block.mixer.d0[...] = jnp.ones_like(block.mixer.d0[...])
+    model.stacks[0].mixer.d0[...] = jnp.ones_like(model.stacks[0].mixer.d0[...])  # every layer
     save_fla(model, tmp_path / "dn", as_deltanet=True)
     assert json.loads((tmp_path / "dn" / "config.json").read_text())["model_type"] == "delta_net"
     deltanet, cfg = load_fla(tmp_path / "dn")
@@ -160,8 +159,7 @@ def test_osdn_exports_as_deltanet_where_exact(tmp_path):
     with pytest.raises(ValueError, match="APF is on"):
         save_fla(random_model(OSDNConfig(preset="may", apf=True, d0_init=1.0)), tmp_path / "apf", as_deltanet=True)
     gated = random_model(OSGatedDeltaNetConfig(preset="may"))
-    for block in gated.blocks:
-        block.mixer.d0[...] = jnp.ones_like(block.mixer.d0[...])
+    gated.stacks[0].mixer.d0[...] = jnp.ones_like(gated.stacks[0].mixer.d0[...])
     with pytest.raises(ValueError, match="the β-aware hypergradient moves d away from 1"):
         save_fla(gated, tmp_path / "gated", as_deltanet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dn"]

@@ -28,7 +28,7 @@ def _model(mixer, seed=0):
 @pytest.mark.parametrize("name", list(MIXERS))
 def test_ratio_is_the_measured_residual_shrink(name):
     """‖v_t − S_tᵀk_t‖² / ‖v_t − S'ᵀk_t‖² == (1 − w_t)², S' the state before the write."""
-    mixer = _model(MIXERS[name]).blocks[0].mixer
+    mixer = _model(MIXERS[name]).layer(0).mixer
     B, T = 2, 12
     x = jax.random.normal(jax.random.PRNGKey(1), (B, T, 32))
     w = np.asarray(mixer.write_strength(x))  # [B, T, H]

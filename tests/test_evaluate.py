@@ -108,6 +108,19 @@ def test_ppl_counts_every_target_once(run_dir, tmp_path):
     assert sum(rec["by_position"]["loss_sum"]) == pytest.approx(total, rel=1e-5)
 
 
+def test_ppl_loss_chunk_gives_the_dense_loss(run_dir, tmp_path):
+    """``--loss-chunk``: the logits 4 positions of a row at a time (8 chunks of the 32) or all at
+    once give the same per-position losses; a negative chunk is refused."""
+    (tmp_path / "corpus.txt").write_text("In the beginning was the word.\n\n" + "A longer document " * 8 + "\n")
+    losses = []
+    for chunk in ("0", "4"):
+        assert main(["ppl", str(run_dir), "--data", str(tmp_path / "corpus.txt"), "--batch-size", "2",
+                     "--no-progress", "--loss-chunk", chunk]) == 0
+        losses.append(_record(run_dir / "eval" / "ppl-corpus-step7.json")["by_position"]["loss_sum"])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    assert main(["ppl", str(run_dir), "--data", str(tmp_path / "corpus.txt"), "--loss-chunk", "-1"]) == 2
+
+
 def test_ratio_cli_matches_the_library(run_dir, capsys):
     from osdn_jax import diagnostics
 

@@ -59,7 +59,7 @@ def test_features_feed_the_head_and_use_mlp_false_drops_the_mlp():
     tokens = _tokens(2, 16)
     np.testing.assert_allclose(model.head(model.features(tokens)), model(tokens), rtol=1e-6, atol=1e-6)
     bare = _tiny("deltanet", use_mlp=False)
-    assert not hasattr(bare.blocks[0], "mlp")
+    assert not hasattr(bare.layer(0), "mlp")
     assert count_params(model_config("tiny", mixer="deltanet", use_mlp=False)) < count_params(
         model_config("tiny", mixer="deltanet"))
     assert bare(tokens).shape == (2, 16, 512)
@@ -190,7 +190,7 @@ def test_config_dict_round_trip_and_errors():
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     assert not hasattr(model, "lm_head") and model.config.kv_cache
-    assert model.blocks[0].mixer.k_proj.kernel.shape == (32, 16)  # 2 KV heads of width 8
+    assert model.layer(0).mixer.k_proj.kernel.shape == (32, 16)  # 2 KV heads of width 8
     with pytest.raises(ValueError, match=r"model config: unknown fields \['heads'\]"):
         ModelConfig.from_dict({**cfg.to_dict(), "heads": 3})
     with pytest.raises(ValueError, match=r"mixer: unknown gdn fields \['width'\]"):

@@ -84,7 +84,7 @@ def test_changed_model_is_refused_then_allowed_changes_are_recorded_then_start_o
     previous = [p for p in run.iterdir() if p.name.startswith("previous-")]
     assert len(previous) == 1
     assert sorted(p.name for p in previous[0].iterdir()) == ["checkpoints", "config.json", METRICS_FILE,
-                                                              "summary.json", "tokenizer.json"]
+                                                              "summary.json", "tensorboard", "tokenizer.json"]
     assert _steps(previous[0]) == ["2", "3"] and _steps(run) == ["2"]
     assert json.loads((previous[0] / "config.json").read_text())["model"]["mixer"]["name"] == "gdn"
     assert [r["step"] for r in _raw_rows(run) if r["kind"] == "train"] == [1, 2]

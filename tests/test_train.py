@@ -168,15 +168,16 @@ def test_paper_recipes_carry_the_paper_settings():
 
 # -- optimizer and step ------------------------------------------------------------------------
 
-def test_weight_decay_mask_and_schedule():
-    model = CausalLM(model_config("tiny", mixer=OSGatedDeltaNetConfig(apf=True)), rngs=nnx.Rngs(0))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+@pytest.mark.parametrize("layers", ["stacks", "blocks"])
+def test_weight_decay_mask_and_schedule(layers):
+    cfg = model_config("tiny", mixer=OSGatedDeltaNetConfig(apf=True), scan_layers=layers == "stacks")
+    params = nnx.to_pure_dict(nnx.state(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
-    mixer = "['blocks'][0]['mixer']"
+    mixer = f"['{layers}'][0]['mixer']"
     assert flat[mixer + "['q_proj']['kernel']"] and flat["['embed']['embedding']"]
     for name in ("['d0']", "['A_log']", "['dt_bias']", "['o_norm']['weight']", "['apf_proj']['bias']"):
         assert not flat[mixer + name], name
-    assert not flat["['norm']['weight']"] and not flat["['blocks'][0]['mlp_norm']['weight']"]
+    assert not flat["['norm']['weight']"] and not flat[f"['{layers}'][0]['mlp_norm']['weight']"]
     cfg = parse_args(["--optim.lr", "1.0", "--optim.warmup-steps", "10", "--optim.min-lr-ratio", "0.1"]).optim
     lr = learning_rate(cfg, 100)
     assert float(lr(0)) == 0.0 and abs(float(lr(10)) - 1.0) < 1e-6 and abs(float(lr(100)) - 0.1) < 1e-6

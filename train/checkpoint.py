@@ -27,6 +27,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from osdn_jax.layer_stacks import convert_layout, other_layout
 from osdn_jax.train.config import CheckpointConfig
 from osdn_jax.train.run_dir import free_path
 
@@ -42,6 +43,25 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _either_layout(read: Callable, targets: tuple, model_config) -> tuple:
+    """``read(targets)`` → ``(tree per target, *other items)``. When that fails and ``model_config``
+    is given, the checkpoint may hold the other layer layout (``osdn_jax.layer_stacks``: unrolled
+    ``blocks`` or scanned ``stacks``): it is read in that layout, converted, and placed on the
+    targets' shardings. When neither layout reads, the first error is raised."""
+    try:
+        return read(targets)
+    except Exception as first:  # noqa: BLE001 - orbax raises ValueError, KeyError or a plain Exception
+        if model_config is None:
+            raise
+        try:
+            restored = read(other_layout(targets, model_config))
+        except Exception:  # noqa: BLE001
+            raise first from None
+    trees = convert_layout(restored[:len(targets)], model_config)
+    placed = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), trees, targets)
+    return (*placed, *restored[len(targets):])
+
+
 def save_params(directory: str | Path, params) -> Path:
     """Writes a parameters-only checkpoint (a pure dict of arrays) to ``directory``, which must not
     exist: the starting point of a run (``ModelSettings.init_from``), e.g. an imported model."""
@@ -52,15 +72,16 @@ def save_params(directory: str | Path, params) -> Path:
     return directory
 
 
-def restore_params(directory: str | Path, params):
-    """The parameters saved by ``save_params``, laid out (shapes, dtypes, shardings) like ``params``.
-    A missing folder or a parameter whose shape differs is a ``ValueError`` naming the folder."""
+def restore_params(directory: str | Path, params, model_config=None):
+    """The parameters saved by ``save_params``, laid out (shapes, dtypes, shardings) like ``params``;
+    with ``model_config``, saved in either layer layout. A missing folder or a parameter whose shape
+    differs is a ``ValueError`` naming the folder."""
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise ValueError(f"model.init_from: no such checkpoint folder {str(directory)!r}")
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(directory, _abstract(params))
+            return _either_layout(lambda t: (ckptr.restore(directory, t[0]),), (_abstract(params),), model_config)[0]
         except ValueError as e:
             raise ValueError(f"model.init_from: {directory} does not hold this model's parameters ({e})") from None
 
@@ -105,25 +126,32 @@ class Checkpointer:
         items["meta"] = ocp.args.JsonSave(meta)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, params, opt_state, data_iterator) -> tuple[object, object, dict]:
-        """``(params, opt_state, meta)`` of ``step``, laid out like the given (initialised) arrays;
-        ``data_iterator`` is moved to the saved position in place."""
-        items = dict(params=ocp.args.StandardRestore(_abstract(params)),
-                     opt_state=ocp.args.StandardRestore(_abstract(opt_state)), meta=ocp.args.JsonRestore())
-        if self.per_process_data:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        meta = dict(restored["meta"])
+    def restore(self, step: int, params, opt_state, data_iterator, model_config=None) -> tuple[object, object, dict]:
+        """``(params, opt_state, meta)`` of ``step``, laid out like the given (initialised) arrays
+        (with ``model_config``: from either layer layout); ``data_iterator`` is moved to the saved
+        position in place."""
+
+        def read(targets):
+            items = dict(params=ocp.args.StandardRestore(targets[0]), opt_state=ocp.args.StandardRestore(targets[1]),
+                         meta=ocp.args.JsonRestore())
+            if self.per_process_data:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            return restored["params"], restored["opt_state"], dict(restored["meta"])
+
+        params, opt_state, meta = _either_layout(read, (_abstract(params), _abstract(opt_state)), model_config)
         if not self.per_process_data:
             data_iterator.set_state(meta.pop("data_state"))
-        return restored["params"], restored["opt_state"], meta
+        return params, opt_state, meta
 
-    def restore_newest(self, params, opt_state, data_iterator, agree: Callable[[bool], bool] = bool):
+    def restore_newest(self, params, opt_state, data_iterator, agree: Callable[[bool], bool] = bool,
+                       model_config=None):
         """The newest checkpoint that can be read, as ``(step, params, opt_state, meta, unreadable)``
         with ``unreadable`` the ``(step, reason)`` of each newer one that could not; None when there
         is no checkpoint. ``agree(ok)`` makes every process take the same step (all must read it).
-        When none can be read: a ``CheckpointError`` naming each step and why."""
-        read = lambda step: self.restore(step, params, opt_state, data_iterator)  # noqa: E731
+        When none can be read: a ``CheckpointError`` naming each step and why. ``model_config``:
+        checkpoints of either layer layout are read (``restore``)."""
+        read = lambda step: self.restore(step, params, opt_state, data_iterator, model_config)  # noqa: E731
         step, restored, unreadable = _newest_readable(self.steps(), read, agree)
         if step is not None:
             return (step, *restored, unreadable)
@@ -147,17 +175,24 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_newest_params(manager: ocp.CheckpointManager, target, directory) -> tuple[int, dict]:
+def restore_newest_params(manager: ocp.CheckpointManager, target, directory, model_config=None) -> tuple[int, dict]:
     """``(step, params)`` of the newest checkpoint of ``manager`` whose parameters can be read into
     ``target``; an unreadable newer one is named in a warning (stderr) with the step used instead. A
     ``CheckpointError`` naming each step and why when none can be read."""
-    read = lambda step: manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))  # noqa: E731
+    read = lambda step: restore_step_params(manager, step, target, model_config)  # noqa: E731
     step, restored, unreadable = _newest_readable(manager.all_steps(), read)
     if step is None:
         raise _none_readable(directory, unreadable)
     for bad, reason in unreadable:
         print(f"warning: checkpoint step {bad} cannot be read ({reason}); using step {step} instead", file=sys.stderr)
-    return step, restored["params"]
+    return step, restored
+
+
+def restore_step_params(manager: ocp.CheckpointManager, step: int, target, model_config=None):
+    """The parameters of checkpoint ``step`` laid out like ``target`` (with ``model_config``: saved
+    in either layer layout)."""
+    read = lambda t: (manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(t[0])))["params"],)  # noqa: E731
+    return _either_layout(read, (target,), model_config)[0]
 
 
 def _newest_readable(steps, read: Callable[[int], object], agree: Callable[[bool], bool] = bool):

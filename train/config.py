@@ -15,6 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
+from osdn_jax.loss import DEFAULT_LOSS_CHUNK
 from osdn_jax.model import ModelConfig, model_config
 from osdn_jax.ops.checks import require
 from osdn_jax.train import shards, sources
@@ -41,6 +42,7 @@ class ModelSettings:
     num_heads: int | None = None  # heads per mixer
     compute_dtype: str | None = None  # float32 | bfloat16 (parameters and optimizer state stay fp32)
     remat: bool | None = None  # recompute each block in the backward pass (less memory)
+    scan_layers: bool | None = None  # stack the layers and scan them (compiled once); False: one module per layer
     # A ModelConfig JSON (``model.json``, written by ``python -m osdn_jax.convert import``) replacing
     # the preset; a relative path is taken from the run directory. Its vocab size is kept.
     config_path: str | None = None
@@ -72,7 +74,7 @@ class ModelSettings:
                              f"osdn, os_gdn), not {cfg.mixer.name!r}")
         mixer = dataclasses.replace(cfg.mixer, **mixer_changes)
         overrides = {k: getattr(self, k) for k in ("hidden_size", "num_layers", "num_heads", "compute_dtype",
-                                                   "remat") if getattr(self, k) is not None}
+                                                   "remat", "scan_layers") if getattr(self, k) is not None}
         return dataclasses.replace(cfg, mixer=mixer, vocab_size=vocab_size,
                                    max_seq_len=max(cfg.max_seq_len, max_seq_len), **overrides)
 
@@ -99,7 +101,8 @@ class ModelSettings:
                 raise ValueError(f"model: {sorted(mixer_changes)} only apply to the delta-rule mixers, not "
                                  f"{mixer.name!r}")
             mixer = dataclasses.replace(mixer, **mixer_changes)
-        overrides = {k: getattr(self, k) for k in ("compute_dtype", "remat") if getattr(self, k) is not None}
+        overrides = {k: getattr(self, k) for k in ("compute_dtype", "remat", "scan_layers")
+                     if getattr(self, k) is not None}
         return dataclasses.replace(cfg, mixer=mixer, max_seq_len=max(cfg.max_seq_len, max_seq_len), **overrides)
 
 
@@ -183,11 +186,44 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
-    """Progress bar on process 0, ``metrics.jsonl`` and ``loss.png`` in the run directory."""
+    """Progress bar on process 0, ``metrics.jsonl``, TensorBoard scalars and ``loss.png`` in the run
+    directory. MFU (model FLOP utilisation, ``osdn_jax.flops``) is logged where the devices' peak is
+    known: ``peak_tflops``, else the peak table's entry for the GPU and the compute dtype."""
 
     every: int = 10  # steps between metric rows
-    progress: bool = True  # progress bar (step, loss, tokens/s, ETA)
+    progress: bool = True  # progress bar (step, loss, tokens/s, MFU, ETA)
     plot: bool = True  # draw loss.png
+    tensorboard: bool = True  # also write the metric rows as TensorBoard scalars in <run_dir>/tensorboard
+    # one device's peak in TFLOP/s for the MFU (overrides the GPU table, e.g. to see MFU on a CPU);
+    # None: the table's (H100, H200, A100), no MFU elsewhere
+    peak_tflops: float | None = None
+
+    def __post_init__(self):
+        require(self.peak_tflops is None or self.peak_tflops > 0, "log.peak_tflops", "None or > 0",
+                self.peak_tflops)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """A ``jax.profiler`` trace of some training steps, written to ``<run_dir>/profile/`` (open it
+    with TensorBoard's profile plugin or xprof, or load its ``.trace.json.gz`` in ui.perfetto.dev)."""
+
+    # A:B traces steps A to B (1-based, as in metrics.jsonl; e.g. 10:12, after the compile); None: no trace
+    steps: str | None = None
+
+    def __post_init__(self):
+        _ = self.window  # checks the value
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """``(A, B)`` of ``steps``, or None."""
+        if self.steps is None:
+            return None
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.steps))
+        ok = m is not None and 1 <= int(m.group(1)) <= int(m.group(2))
+        require(ok, "profile.steps", "'A:B' with 1 <= A <= B (training steps A to B, 1-based), e.g. '10:12'",
+                self.steps)
+        return int(m.group(1)), int(m.group(2))
 
 
 def _source_from_suffix(path: str) -> str | None:
@@ -214,10 +250,15 @@ class TrainConfig:
     dist: DistConfig = DistConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    #: A ``jax.profiler`` trace of some steps (``--profile.steps 10:12``) in ``<run_dir>/profile``.
+    profile: ProfileConfig = ProfileConfig()
     eval_every: int = 200  # steps between held-out evaluations (0: only at the end)
     eval_batches: int = 8  # held-out batches per evaluation
     run_steps: int | None = None  # stop after this many steps in this invocation (with a checkpoint)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    #: positions of each row whose vocabulary-sized logits exist at once in the loss (peak: rows per
+    #: device × loss_chunk × vocab fp32 floats, and as many for their gradient); 0: all T at once
+    loss_chunk: int = DEFAULT_LOSS_CHUNK
     #: how processes share the data: rows (each reads the global batch and keeps its rows, so batches
     #: do not depend on the process count) | documents (each reads only its share of the documents)
     data_split: str = "rows"
@@ -230,6 +271,7 @@ class TrainConfig:
         require(self.eval_batches >= 1, "eval_batches", ">= 1", self.eval_batches)
         require(self.run_steps is None or self.run_steps >= 1, "run_steps", "None or >= 1", self.run_steps)
         require(self.max_bad_steps >= 1, "max_bad_steps", ">= 1", self.max_bad_steps)
+        require(self.loss_chunk >= 0, "loss_chunk", ">= 0 (0: the whole logits at once)", self.loss_chunk)
         require(self.data_split in ("rows", "documents"), "data_split", "'rows' or 'documents'", self.data_split)
         require(self.sample_tokens >= 0, "sample_tokens", ">= 0", self.sample_tokens)
         require(self.data.batch_size % self.optim.grad_accum == 0, "data.batch_size",
@@ -424,5 +466,5 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 __all__ = ["CheckpointConfig", "DataConfig", "DistConfig", "LogConfig", "MeshConfig", "ModelSettings",
-           "OptimConfig", "TrainConfig", "data_flag_help", "from_dict", "load_config_file", "parse_args",
-           "to_dict"]
+           "OptimConfig", "ProfileConfig", "TrainConfig", "data_flag_help", "from_dict", "load_config_file",
+           "parse_args", "to_dict"]

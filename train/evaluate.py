@@ -42,7 +42,7 @@ from flax import nnx
 from osdn_jax.generate import generate
 from osdn_jax.model import CausalLM
 from osdn_jax.train import data as data_lib, report
-from osdn_jax.train.checkpoint import restore_newest_params, restore_params
+from osdn_jax.train.checkpoint import restore_newest_params, restore_params, restore_step_params
 from osdn_jax.train.config import TrainConfig, from_dict, run_settings
 from osdn_jax.train.step import make_eval_step, mean_loss
 from osdn_jax.train.tokenizer import Tokenizer, load_tokenizer
@@ -64,19 +64,19 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[CausalLM, To
     steps = manager.all_steps()
     if not steps and cfg.model.init_from is not None and step in (None, 0):  # an imported, untrained run
         manager.close()
-        params = restore_params(cfg.model.resolve(cfg.model.init_from, run_dir), target)
+        params = restore_params(cfg.model.resolve(cfg.model.init_from, run_dir), target, model_cfg)
         return nnx.merge(graphdef, params), tokenizer, cfg, 0
     if not steps:
         raise ValueError(f"run_dir: {run_dir}/checkpoints holds no checkpoint")
     if step is None:  # the newest readable one (a damaged newer one is named in a warning)
         try:
-            step, params = restore_newest_params(manager, target, run_dir / "checkpoints")
+            step, params = restore_newest_params(manager, target, run_dir / "checkpoints", model_cfg)
         finally:
             manager.close()
         return nnx.merge(graphdef, params), tokenizer, cfg, step
     if step not in steps:
         raise ValueError(f"step: no checkpoint for step {step} in {run_dir}; saved steps are {sorted(steps)}")
-    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    params = restore_step_params(manager, step, target, model_cfg)
     manager.close()
     return nnx.merge(graphdef, params), tokenizer, cfg, step
 
@@ -85,7 +85,7 @@ def held_out_loss(model: CausalLM, cfg: TrainConfig, tokenizer: Tokenizer, num_b
     """Mean next-token loss (nats) over ``num_batches`` held-out batches of the run's data."""
     graphdef, params = nnx.split(model, nnx.Param)
     batches = data_lib.make_eval_batches(cfg.data, tokenizer, num_batches)
-    return mean_loss(jax.jit(make_eval_step(graphdef)), nnx.to_pure_dict(params), batches)[0]
+    return mean_loss(jax.jit(make_eval_step(graphdef, cfg.loss_chunk)), nnx.to_pure_dict(params), batches)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,12 +231,16 @@ def _ppl_arguments(p: argparse.ArgumentParser) -> None:
                    help="a prepared folder: its held-out documents only (default: every document)")
     p.add_argument("--buckets", type=int, default=None,
                    help="N equal-width position buckets (default: powers of two)")
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="positions of each row whose logits exist at once (default: the run's loss_chunk; 0: all)")
 
 
 def _ppl(args: argparse.Namespace) -> None:
     from osdn_jax.train import perplexity
 
     _positive("--buckets", args.buckets)
+    if args.loss_chunk is not None and args.loss_chunk < 0:
+        raise ValueError(f"--loss-chunk: expected >= 0 (0: the whole logits at once), got {args.loss_chunk}")
     _check_data_flags(args)
     run = _load(args)
     cfg = _data_config(args, run)
@@ -247,9 +251,11 @@ def _ppl(args: argparse.Namespace) -> None:
         doc_ids = None
         if args.heldout:  # the folder's own split, whatever the run held out
             doc_ids = data_lib.prepared_heldout(cfg)
+        chunk = run.cfg.loss_chunk if args.loss_chunk is None else args.loss_chunk
         by_position, summary = perplexity.evaluate_perplexity(run.model, run.tokenizer, cfg,
                                                               max_batches=args.max_batches,
-                                                              progress=not args.no_progress, doc_ids=doc_ids)
+                                                              progress=not args.no_progress, doc_ids=doc_ids,
+                                                              loss_chunk=chunk)
     buckets = by_position.buckets(perplexity.position_buckets(cfg.seq_len, args.buckets))
     print(f"{args.data} ({source}): {summary['documents']} documents, {summary['tokens_in_source']:,} targets; "
           f"{summary['batches']} batches of {cfg.batch_size}x{cfg.seq_len}, {summary['tokens']:,} targets counted")

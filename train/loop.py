@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -16,6 +18,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from osdn_jax.flops import device_peak_flops, flops_per_token, mfu
 from osdn_jax.generate import generate
 from osdn_jax.model import CausalLM
 from osdn_jax.train import data as data_lib, run_dir as run_dir_lib
@@ -23,6 +26,7 @@ from osdn_jax.train.checkpoint import Checkpointer, restore_params
 from osdn_jax.train.config import TrainConfig, to_dict
 from osdn_jax.train.metrics import MetricsWriter, keep_rows_until, plot
 from osdn_jax.train.optim import learning_rate, make_optimizer
+from osdn_jax.train.profile import StepProfiler, profile_dir
 from osdn_jax.train.sharding import batch_sharding, check_batch, global_batch, make_mesh, param_shardings
 from osdn_jax.train.step import make_eval_step, make_train_step, mean_loss
 from osdn_jax.train.tokenizer import TOKENIZER_FILE, tokenizer_from_dict
@@ -135,15 +139,19 @@ def _tokenizer(cfg: TrainConfig, run_dir: Path | None, is_main: bool):
 
 
 def _summary_lines(summary: dict, run_dir: Path) -> str:
+    mfu_line = [f"  MFU              {summary['mfu']:.1%} (this invocation)"] if "mfu" in summary else []
+    profile_line = [f"  profile          {summary['profile']}"] if "profile" in summary else []
     return "\n".join([
         "", "summary",
         f"  steps            {summary['steps']} ({summary['skipped_steps']} skipped)",
         f"  tokens           {summary['tokens']:,}",
         f"  wall time        {summary['wall_s']:.1f} s",
+        *mfu_line,
         f"  final train loss {summary['final_train_loss']:.4f}",
         f"  held-out         loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}",
         f"  checkpoint       {summary['checkpoint']}",
         f"  metrics          {run_dir / 'metrics.jsonl'}" + (f", plot {summary['plot']}" if "plot" in summary else ""),
+        *profile_line,
     ])
 
 
@@ -196,6 +204,62 @@ def _write_run_dir(cfg: TrainConfig, run: run_dir_lib.RunDir, ckpt: Checkpointer
     return changed
 
 
+@dataclasses.dataclass
+class _Run:
+    """One invocation of a run: its settings, where it writes, the model and optimizer state (on
+    the mesh), the data, and the counters that go into checkpoints."""
+
+    cfg: TrainConfig
+    run: run_dir_lib.RunDir
+    ckpt: Checkpointer
+    tokenizer: object
+    model_cfg: object
+    mesh: jax.sharding.Mesh
+    graphdef: object
+    shardings: dict
+    opt_shardings: object
+    params: object
+    opt_state: object
+    data: _Data
+    n_params: int
+    t_start: float
+    step: int = 0
+    tokens_seen: int = 0
+    skipped: int = 0
+    elapsed_before: float = 0.0
+    last_loss: float = float("nan")
+    metrics: MetricsWriter | None = None
+    profiler: StepProfiler | None = None
+    flops_per_token: float = 0.0  # training FLOPs per token of the model (osdn_jax.flops)
+    peak_flops: float | None = None  # peak FLOP/s of all devices (None: unknown, so no MFU)
+    windows: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # logged (tokens, seconds)
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    def say(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs)
+
+    def elapsed(self) -> float:
+        """Seconds of training over every invocation of the run."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def save(self, at_step: int) -> None:
+        self.ckpt.save(at_step, self.params, self.opt_state, self.data.iterator,
+                       {"step": at_step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped,
+                        "elapsed_s": self.elapsed(), "config": to_dict(self.cfg)})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """The compiled steps, traced and run under the mesh."""
+
+    train: Callable
+    eval: Callable
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs ``cfg`` to ``cfg.steps`` (resuming from the newest checkpoint); returns the summary.
 
@@ -204,16 +268,27 @@ def train(cfg: TrainConfig) -> dict:
     already at ``cfg.steps`` is reported and left as it is."""
     _check_paths(cfg)
     setup_jax(cfg)
-    t_start = time.perf_counter()
-    is_main = jax.process_index() == 0
-    say = print if is_main else (lambda *a, **k: None)
-    run = run_dir_lib.RunDir.read(cfg.run_dir)
-    run_dir = run.path
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, per_process_data=cfg.data_split == "documents")
-    keep_tokenizer = _check_run_dir(cfg, run, ckpt)
+    r, keep_tokenizer = _set_up_run(cfg)
+    resumed = _resume(r)
+    if resumed is not None and r.step >= cfg.steps:
+        for bad, reason in resumed[4]:
+            _warn(f"checkpoint step {bad} cannot be read ({reason}); left in place")
+        r.ckpt.close()
+        return _finished(cfg, r.run.path, r.step, r.say)
+    _open_run_dir(r, keep_tokenizer, resumed)
+    stopped, eval_loss = _train_to_the_end(r, _compile_steps(r))
+    return stopped if stopped is not None else _end_of_run(r, eval_loss)
 
-    tokenizer = _tokenizer(cfg, run_dir if keep_tokenizer else None, is_main)
-    model_cfg = cfg.model.build(tokenizer.vocab_size, cfg.data.seq_len, run_dir)
+
+def _set_up_run(cfg: TrainConfig) -> tuple[_Run, bool]:
+    """Every check, the tokenizer, the mesh, the initialised parameters and optimizer state and the
+    data; nothing is written. Also returns whether the run's own tokenizer.json is used."""
+    t_start = time.perf_counter()
+    run = run_dir_lib.RunDir.read(cfg.run_dir)
+    ckpt = Checkpointer(run.path / "checkpoints", cfg.checkpoint, per_process_data=cfg.data_split == "documents")
+    keep_tokenizer = _check_run_dir(cfg, run, ckpt)
+    tokenizer = _tokenizer(cfg, run.path if keep_tokenizer else None, jax.process_index() == 0)
+    model_cfg = cfg.model.build(tokenizer.vocab_size, cfg.data.seq_len, run.path)
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg.data.batch_size, mesh)
     _check_context(cfg, model_cfg)
@@ -228,174 +303,264 @@ def train(cfg: TrainConfig) -> dict:
         opt_state)
     opt_state = jax.device_put(opt_state, opt_shardings)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    return _Run(cfg, run, ckpt, tokenizer, model_cfg, mesh, graphdef, shardings, opt_shardings, params, opt_state,
+                _Data(cfg, tokenizer), n_params, t_start), keep_tokenizer
 
-    data = _Data(cfg, tokenizer)
-    step, tokens_seen, skipped, elapsed_before = 0, 0, 0, 0.0
-    resumed = ckpt.restore_newest(params, opt_state, data.iterator, _all_processes) if cfg.checkpoint.resume else None
+
+def _resume(r: _Run):
+    """The newest readable checkpoint into ``r`` (``ckpt.restore_newest``'s tuple, or None), else
+    the parameters of ``model.init_from`` when given."""
+    cfg = r.cfg
+    resumed = (r.ckpt.restore_newest(r.params, r.opt_state, r.data.iterator, _all_processes, r.model_cfg)
+               if cfg.checkpoint.resume else None)
     if resumed is not None:
-        latest, params, opt_state, meta, unreadable = resumed
-        step, tokens_seen, skipped = meta["step"], meta["tokens_seen"], meta["skipped_steps"]
-        elapsed_before = meta["elapsed_s"]
-        if step >= cfg.steps:
-            for bad, reason in unreadable:
-                _warn(f"checkpoint step {bad} cannot be read ({reason}); left in place")
-            ckpt.close()
-            return _finished(cfg, run_dir, step, say)
+        _, r.params, r.opt_state, meta, _ = resumed
+        r.step, r.tokens_seen, r.skipped = meta["step"], meta["tokens_seen"], meta["skipped_steps"]
+        r.elapsed_before = meta["elapsed_s"]
     elif cfg.model.init_from is not None:
-        init = cfg.model.resolve(cfg.model.init_from, run_dir)
-        params = restore_params(init, params)
+        r.params = restore_params(cfg.model.resolve(cfg.model.init_from, r.run.path), r.params, r.model_cfg)
+    return resumed
 
-    # Every check has passed: from here on the run directory is written.
-    changed = _write_run_dir(cfg, run, ckpt, tokenizer, model_cfg, keep_tokenizer, resumed, say) if is_main else {}
+
+def _open_run_dir(r: _Run, keep_tokenizer: bool, resumed) -> None:
+    """Every check has passed: from here on the run directory is written (``_write_run_dir``), and
+    the run is announced."""
+    cfg = r.cfg
+    changed = _write_run_dir(cfg, r.run, r.ckpt, r.tokenizer, r.model_cfg, keep_tokenizer, resumed,
+                             r.say) if r.is_main else {}
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("osdn_jax.train: run_dir written")
-    ckpt.reload()
+    r.ckpt.reload()
+    _open_writers(r)
     if resumed is not None:
-        say(f"resumed from {ckpt.directory}/{latest} (step {step})")
+        r.say(f"resumed from {r.ckpt.directory}/{resumed[0]} (step {r.step})")
         if changed:
-            say("changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            r.say("changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     elif cfg.model.init_from is not None:
-        say(f"parameters from {init} (step 0, a fresh optimizer)")
+        r.say(f"parameters from {cfg.model.resolve(cfg.model.init_from, r.run.path)} (step 0, a fresh optimizer)")
     model_name = cfg.model.config_path or cfg.model.preset
-    say(f"{model_cfg.mixer_name} model '{model_name}': {n_params / 1e6:.2f}M parameters; "
-        f"{jax.device_count()} device(s) {dict(mesh.shape)}, {jax.process_count()} process(es); "
-        f"batch {cfg.data.batch_size}x{cfg.data.seq_len}; tokenizer {tokenizer.to_dict().get('kind', '?')} "
-        f"(vocab {tokenizer.vocab_size})")
+    r.say(f"{r.model_cfg.mixer_name} model '{model_name}': {r.n_params / 1e6:.2f}M parameters; "
+          f"{jax.device_count()} device(s) {dict(r.mesh.shape)}, {jax.process_count()} process(es); "
+          f"batch {cfg.data.batch_size}x{cfg.data.seq_len}; tokenizer {r.tokenizer.to_dict().get('kind', '?')} "
+          f"(vocab {r.tokenizer.vocab_size})")
 
-    def under_mesh(fn):
-        """Trace and run ``fn`` with the mesh in context, so the Pallas kernels split over it
-        (``osdn_jax.kernels.partition``) instead of gathering the batch on every device, and the
-        delta-rule ops find the ``context`` axis (time split over its devices)."""
 
-        def run(*args):
-            with jax.set_mesh(mesh):
-                return fn(*args)
+def _open_writers(r: _Run) -> None:
+    """The metrics writer (TensorBoard's points past the resumed step hidden, as the JSONL rows are
+    dropped), the profiler, and what MFU needs: the FLOPs per token and the peak of all devices
+    (``--log.peak-tflops`` per device, else the table's entry for the device and the compute dtype)."""
+    cfg = r.cfg
+    r.metrics = MetricsWriter(r.run.path, enabled=r.is_main, tensorboard=cfg.log.tensorboard, purge_step=r.step + 1)
+    r.profiler = StepProfiler(cfg.profile.window, profile_dir(r.run.path, jax.process_index()))
+    last = cfg.steps if cfg.run_steps is None else min(cfg.steps, r.step + cfg.run_steps)
+    warning = r.profiler.check(r.step, last)
+    if warning and r.is_main:
+        _warn(warning)
+    r.flops_per_token = flops_per_token(r.model_cfg, cfg.data.seq_len)
+    per_device = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops is not None
+                  else device_peak_flops(jax.devices()[0].device_kind, r.model_cfg.compute_dtype))
+    r.peak_flops = None if per_device is None else per_device * jax.device_count()
 
-        return run
 
-    train_step = under_mesh(jax.jit(make_train_step(graphdef, tx, cfg.optim.grad_accum), donate_argnums=(0, 1),
-                                    in_shardings=(shardings, opt_shardings, batch_sharding(mesh)),
-                                    out_shardings=(shardings, opt_shardings, None)))
-    eval_step = under_mesh(jax.jit(make_eval_step(graphdef), in_shardings=(shardings, batch_sharding(mesh))))
-    lr_at = learning_rate(cfg.optim, cfg.steps)
-    metrics = MetricsWriter(run_dir, enabled=is_main)
+def _close_writers(r: _Run) -> None:
+    """Stops a profile still recording and closes the TensorBoard file (both idempotent)."""
+    if r.profiler is not None:
+        r.profiler.close()
+    if r.metrics is not None:
+        r.metrics.close()
 
-    def evaluate(at_step: int) -> float:
-        loss, count = mean_loss(eval_step, params, (global_batch(b, mesh) for b in data.eval))
-        metrics.write({"kind": "eval", "step": at_step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-                       "eval_targets": count})
-        return loss
 
-    def save(at_step: int) -> None:
-        ckpt.save(at_step, params, opt_state, data.iterator,
-                  {"step": at_step, "tokens_seen": tokens_seen, "skipped_steps": skipped,
-                   "elapsed_s": elapsed_before + time.perf_counter() - t_start, "config": to_dict(cfg)})
+def _under_mesh(fn, mesh):
+    """``fn`` traced and run with the mesh in context, so the Pallas kernels split over it
+    (``osdn_jax.kernels.partition``) instead of gathering the batch on every device, and the
+    delta-rule ops find the ``context`` axis (time split over its devices)."""
 
+    def run(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    return run
+
+
+def _compile_steps(r: _Run) -> _Steps:
+    tx = make_optimizer(r.cfg.optim, r.cfg.steps)
+    train_step = jax.jit(make_train_step(r.graphdef, tx, r.cfg.optim.grad_accum, r.cfg.loss_chunk), donate_argnums=(0, 1),
+                         in_shardings=(r.shardings, r.opt_shardings, batch_sharding(r.mesh)),
+                         out_shardings=(r.shardings, r.opt_shardings, None))
+    eval_step = jax.jit(make_eval_step(r.graphdef, r.cfg.loss_chunk), in_shardings=(r.shardings, batch_sharding(r.mesh)))
+    return _Steps(_under_mesh(train_step, r.mesh), _under_mesh(eval_step, r.mesh))
+
+
+def _evaluate(r: _Run, steps: _Steps) -> float:
+    """Held-out loss at the current step; writes its metrics row."""
+    loss, count = mean_loss(steps.eval, r.params, (global_batch(b, r.mesh) for b in r.data.eval))
+    r.metrics.write({"kind": "eval", "step": r.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+                     "eval_targets": count})
+    return loss
+
+
+def _train_to_the_end(r: _Run, steps: _Steps) -> tuple[dict | None, float | None]:
+    """The step loop, then the final evaluation and checkpoint: ``(None, held-out loss)``, or
+    ``(stop record, None)`` when the invocation stopped early (SIGTERM, ``run_steps``). A failed
+    start of a new run (e.g. a compile error) removes its run directory."""
     stop_signal: list[bool] = []  # SIGTERM: save a checkpoint at the end of the step, then exit
     try:
         previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_signal.append(True))
     except ValueError:  # not the main thread: no handler
         previous_handler = None
-
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.log.progress), unit="step",
+    bar = tqdm(total=r.cfg.steps, initial=r.step, disable=not (r.is_main and r.cfg.log.progress), unit="step",
                dynamic_ncols=True)
-    window, bad_in_a_row, last_loss, t_window, eval_loss = [], 0, float("nan"), time.perf_counter(), None
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    first_step = step
-    pending = []  # (step, metrics) of dispatched steps whose results the host has not read yet
-
-    def absorb() -> None:
-        """Reads the pending steps' metrics. The loop reads each step one step late, so preparing
-        the next batch on the host overlaps the device's work instead of waiting for it."""
-        nonlocal bad_in_a_row, last_loss, skipped
-        while pending:
-            at, m = pending.pop(0)
-            ok, loss = bool(m["ok"]), float(m["loss"])
-            if ok:
-                bad_in_a_row, last_loss = 0, loss
-                window.append((loss, float(m["grad_norm"])))
-                continue
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            say(f"step {at}: non-finite loss/gradient (loss {loss}); step skipped ({bad_in_a_row} in a row)")
-            if bad_in_a_row >= cfg.max_bad_steps:
-                save(step)  # skipped steps leave the state as it was: this is the last good state
-                ckpt.wait()
-                raise StopTraining(f"{bad_in_a_row} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}); "
-                                   f"the last good state is saved in {ckpt.directory}/{step}. Lower optim.lr or "
-                                   f"check the data.")
-
+    first_step = r.step
     try:
-        while step < cfg.steps:
-            batch = global_batch(data.next(), mesh)
-            params, opt_state, m = train_step(params, opt_state, batch)
-            step += 1
-            tokens_seen += tokens_per_step
-            bar.update(1)
-            absorb()  # the previous step's metrics: by now the device is busy with this one
-            pending.append((step, m))
-            log_now = step % cfg.log.every == 0 or step == cfg.steps
-            eval_now = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.steps
-            save_now = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0 and step < cfg.steps
-            if log_now or eval_now or save_now or stop_signal or step - first_step == cfg.run_steps:
-                # (these need the counters up to date)
-                absorb()
-            if log_now:
-                now = time.perf_counter()
-                tok_s = len(window or [0]) * tokens_per_step / max(now - t_window, 1e-9)
-                if window:
-                    window_loss = sum(x for x, _ in window) / len(window)
-                    metrics.write({"kind": "train", "step": step, "loss": window_loss,
-                                   "grad_norm": sum(g for _, g in window) / len(window), "lr": float(lr_at(step - 1)),
-                                   "tokens": tokens_seen, "tokens_per_s": tok_s, "skipped_steps": skipped,
-                                   "elapsed_s": elapsed_before + now - t_start})
-                    bar.set_postfix(loss=f"{window_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                window, t_window = [], now
-                if jax.process_count() > 1:
-                    stop_signal[:] = [True] if bool(np.any(multihost_utils.process_allgather(
-                        np.array(bool(stop_signal))))) else []
-            if eval_now:
-                eval_loss = evaluate(step)
-                if is_main:
-                    line = f"step {step}: held-out loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}"
-                    (bar.write if cfg.log.progress else print)(line)
-            # several processes act on SIGTERM only where they have just agreed on it (log steps)
-            sigterm = bool(stop_signal) and (jax.process_count() == 1 or log_now)
-            reason = "SIGTERM" if sigterm else "run_steps" if step - first_step == cfg.run_steps else None
-            if reason and step < cfg.steps:
-                save(step)
-                ckpt.wait()
-                say(f"{reason}: saved step {step} to {ckpt.directory}; run again to continue")
-                return {"steps": step, "stopped": reason, "checkpoint": f"{ckpt.directory}/{step}"}
-            if save_now:
-                save(step)
-        absorb()
+        stopped = _step_loop(r, steps, bar, stop_signal)
+        if stopped is not None:
+            return stopped, None
         bar.close()
-        eval_loss = evaluate(step)
-        save(step)
-        ckpt.wait()
+        eval_loss = _evaluate(r, steps)
+        r.save(r.step)
+        r.ckpt.wait()
+        return None, eval_loss
     except BaseException:
-        if not run.existed and is_main and step == first_step:  # a failed start (e.g. a compile error)
-            shutil.rmtree(run_dir, ignore_errors=True)
+        _close_writers(r)  # (before a failed start removes the directory they write to)
+        if not r.run.existed and r.is_main and r.step == first_step:
+            shutil.rmtree(r.run.path, ignore_errors=True)
         raise
     finally:
         bar.close()
-        ckpt.close()
+        _close_writers(r)
+        r.ckpt.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
-    wall = elapsed_before + time.perf_counter() - t_start
-    summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "final_train_loss": last_loss,
-               "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "skipped_steps": skipped,
-               "parameters": n_params, "checkpoint": f"{ckpt.directory}/{step}", "run_dir": str(run_dir)}
-    if is_main and cfg.log.plot:
+
+class _Pending:
+    """The dispatched steps whose metrics the host has not read yet, and the window of read ones
+    that the next metrics row averages. The loop reads each step one step late, so preparing the
+    next batch on the host overlaps the device's work instead of waiting for it."""
+
+    def __init__(self, r: _Run):
+        self.r, self.steps, self.window, self.bad_in_a_row = r, [], [], 0
+        self.t_window = time.perf_counter()
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.steps.append((step, metrics))
+
+    def absorb(self) -> None:
+        """Reads the pending steps' metrics; too many non-finite steps in a row save the last good
+        state and raise ``StopTraining``."""
+        r = self.r
+        while self.steps:
+            at, m = self.steps.pop(0)
+            ok, loss = bool(m["ok"]), float(m["loss"])
+            if ok:
+                self.bad_in_a_row, r.last_loss = 0, loss
+                self.window.append((loss, float(m["grad_norm"])))
+                continue
+            r.skipped, self.bad_in_a_row = r.skipped + 1, self.bad_in_a_row + 1
+            r.say(f"step {at}: non-finite loss/gradient (loss {loss}); step skipped ({self.bad_in_a_row} in a row)")
+            if self.bad_in_a_row >= r.cfg.max_bad_steps:
+                r.save(r.step)  # skipped steps leave the state as it was: this is the last good state
+                r.ckpt.wait()
+                raise StopTraining(f"{self.bad_in_a_row} non-finite steps in a row (max_bad_steps="
+                                   f"{r.cfg.max_bad_steps}); the last good state is saved in {r.ckpt.directory}/"
+                                   f"{r.step}. Lower optim.lr or check the data.")
+
+    def log(self, bar) -> None:
+        """The ``train`` metrics row of the window (when a step of it was finite); starts the next."""
+        r, now = self.r, time.perf_counter()
+        tokens_per_step = r.cfg.data.batch_size * r.cfg.data.seq_len
+        tok_s = len(self.window or [0]) * tokens_per_step / max(now - self.t_window, 1e-9)
+        if self.window:
+            loss = sum(x for x, _ in self.window) / len(self.window)
+            utilisation = {"mfu": mfu(r.flops_per_token, tok_s, r.peak_flops)} if r.peak_flops else {}
+            r.metrics.write({"kind": "train", "step": r.step, "loss": loss,
+                             "grad_norm": sum(g for _, g in self.window) / len(self.window),
+                             "lr": float(learning_rate(r.cfg.optim, r.cfg.steps)(r.step - 1)),
+                             "tokens": r.tokens_seen, "tokens_per_s": tok_s, "skipped_steps": r.skipped,
+                             **utilisation, "elapsed_s": r.elapsed_before + now - r.t_start})
+            r.windows.append((len(self.window) * tokens_per_step, now - self.t_window))
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}",
+                            **{k: f"{v:.1%}" for k, v in utilisation.items()})
+        self.window, self.t_window = [], now
+
+
+def _step_loop(r: _Run, steps: _Steps, bar, stop_signal: list[bool]) -> dict | None:
+    """Steps to ``cfg.steps`` with the log, evaluation and checkpoint cadence; returns the stop
+    record when SIGTERM or ``run_steps`` ends the invocation first (after saving a checkpoint)."""
+    cfg, first_step, pending = r.cfg, r.step, _Pending(r)
+    while r.step < cfg.steps:
+        batch = global_batch(r.data.next(), r.mesh)
+        r.profiler.before_step(r.step + 1)
+        r.params, r.opt_state, m = steps.train(r.params, r.opt_state, batch)
+        r.step += 1
+        r.profiler.after_step(r.step, (r.params, m))
+        r.tokens_seen += cfg.data.batch_size * cfg.data.seq_len
+        bar.update(1)
+        pending.absorb()  # the previous step's metrics: by now the device is busy with this one
+        pending.add(r.step, m)
+        log_now = r.step % cfg.log.every == 0 or r.step == cfg.steps
+        eval_now = bool(cfg.eval_every) and r.step % cfg.eval_every == 0 and r.step < cfg.steps
+        save_now = bool(cfg.checkpoint.every) and r.step % cfg.checkpoint.every == 0 and r.step < cfg.steps
+        if log_now or eval_now or save_now or stop_signal or r.step - first_step == cfg.run_steps:
+            pending.absorb()  # (these need the counters up to date)
+        if log_now:
+            pending.log(bar)
+            if jax.process_count() > 1:
+                stop_signal[:] = [True] if bool(np.any(multihost_utils.process_allgather(
+                    np.array(bool(stop_signal))))) else []
+        if eval_now:
+            _report_eval(r, _evaluate(r, steps), bar)
+        # several processes act on SIGTERM only where they have just agreed on it (log steps)
+        sigterm = bool(stop_signal) and (jax.process_count() == 1 or log_now)
+        reason = "SIGTERM" if sigterm else "run_steps" if r.step - first_step == cfg.run_steps else None
+        if reason and r.step < cfg.steps:
+            r.save(r.step)
+            r.ckpt.wait()
+            r.say(f"{reason}: saved step {r.step} to {r.ckpt.directory}; run again to continue")
+            return {"steps": r.step, "stopped": reason, "checkpoint": f"{r.ckpt.directory}/{r.step}"}
+        if save_now:
+            r.save(r.step)
+    pending.absorb()
+    return None
+
+
+def _report_eval(r: _Run, loss: float, bar) -> None:
+    if r.is_main:
+        line = f"step {r.step}: held-out loss {loss:.4f}, perplexity {math.exp(loss):.2f}"
+        (bar.write if r.cfg.log.progress else print)(line)
+
+
+def _run_mfu(r: _Run) -> float | None:
+    """This invocation's MFU: its training tokens/s over the windows of its metrics rows, but the
+    first one (which holds the compile) when there are several, as a fraction of the peak; None
+    when the peak is unknown. (Token-weighted, so not the mean of the rows' ``mfu``.)"""
+    if not r.peak_flops or not r.windows:
+        return None
+    windows = r.windows[1:] if len(r.windows) > 1 else r.windows
+    tokens, seconds = sum(t for t, _ in windows), sum(s for _, s in windows)
+    return mfu(r.flops_per_token, tokens / max(seconds, 1e-9), r.peak_flops)
+
+
+def _end_of_run(r: _Run, eval_loss: float) -> dict:
+    """The summary (summary.json, printed), the plot and the sample."""
+    run_dir = r.run.path
+    summary = {"steps": r.step, "tokens": r.tokens_seen, "wall_s": r.elapsed(), "final_train_loss": r.last_loss,
+               "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "skipped_steps": r.skipped,
+               "parameters": r.n_params, "checkpoint": f"{r.ckpt.directory}/{r.step}", "run_dir": str(run_dir)}
+    run_mfu = _run_mfu(r)
+    if run_mfu is not None:
+        summary["mfu"] = run_mfu
+    if r.profiler.trace_dir is not None:
+        summary["profile"] = str(r.profiler.trace_dir)
+    if r.is_main and r.cfg.log.plot:
         summary["plot"] = str(plot(run_dir))
-    if cfg.sample_tokens:
-        summary["sample"] = _sample(cfg, graphdef, params, tokenizer)
-    if is_main:
+    if r.cfg.sample_tokens:
+        summary["sample"] = _sample(r.cfg, r.graphdef, r.params, r.tokenizer)
+    if r.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        say(_summary_lines(summary, run_dir))
+        r.say(_summary_lines(summary, run_dir))
         if "sample" in summary:
-            say(f"\nsample:\n{summary['sample']}")
+            r.say(f"\nsample:\n{summary['sample']}")
     return summary

@@ -1,31 +1,69 @@
-"""Run metrics: ``metrics.jsonl`` (one JSON object per line) and the loss / perplexity plot.
+"""Run metrics: ``metrics.jsonl`` (one JSON object per line), the same rows as TensorBoard scalars
+(``tensorboard/``, written with tensorboardX), and the loss / perplexity plot.
 
     python -m osdn_jax.train.metrics RUN_DIR    # (re)draws RUN_DIR/loss.png at any time
+    tensorboard --logdir RUN_DIR                # (pip install tensorboard) the scalars, live
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from osdn_jax.train.run_dir import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
+_NOT_SCALARS = ("kind", "step")
 
 
 class MetricsWriter:
-    """Appends rows to ``<run_dir>/metrics.jsonl`` (process 0 only: pass ``enabled=False`` elsewhere)."""
+    """Appends rows to ``<run_dir>/metrics.jsonl`` (process 0 only: pass ``enabled=False`` elsewhere).
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    With ``tensorboard``, every row with a ``kind`` and a ``step`` (but ``config`` rows) also goes to
+    TensorBoard event files in ``<run_dir>/tensorboard``: each numeric field as the scalar
+    ``<kind>/<field>`` at the row's step (``train/loss``, ``eval/eval_ppl``...). ``purge_step``
+    (a resumed run: its step + 1) hides the points an interrupted invocation wrote from there on,
+    as ``keep_rows_until`` drops its rows. Each row is flushed; ``close()`` ends the event file.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False,
+                 purge_step: int | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            # a unique, time-ordered file name: two invocations in one second on one host would share
+            # tensorboardX's name (seconds and host) and the second would overwrite the first
+            self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=purge_step, flush_secs=1,
+                                     filename_suffix=f".{time.time_ns()}")
 
     def write(self, row: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self._tb is not None:
+                self._write_scalars(row)
+
+    def _write_scalars(self, row: dict) -> None:
+        kind, step = row.get("kind"), row.get("step")
+        if kind in (None, "config") or not isinstance(step, int):
+            return
+        for field, value in row.items():
+            if field not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{kind}/{field}", value, global_step=step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        """Writes out and closes the TensorBoard event file (the JSONL needs nothing)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def _rows(path: Path) -> list[dict]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from osdn_jax.layer_stacks import SCANNED
+
 from osdn_jax.train.config import OptimConfig
 
 # Parameters of any rank that never decay: OSDN's d0, Gated DeltaNet's A_log and dt_bias.
@@ -21,10 +23,12 @@ def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params) -> object:
     """A tree of bools like ``params`` (a pure dict): True for matrices (linear kernels, embeddings,
-    conv weights), False for vectors (norm weights, biases) and ``NO_DECAY_NAMES``."""
+    conv weights), False for vectors (norm weights, biases) and ``NO_DECAY_NAMES``. A scanned model's
+    layer parameters count their rank without the stacked layer axis."""
     def keep(path, x) -> bool:
         name = getattr(path[-1], "key", None)
-        return x.ndim >= 2 and name not in NO_DECAY_NAMES
+        stacked = getattr(path[0], "key", None) == SCANNED  # a leading axis over the layers
+        return x.ndim - stacked >= 2 and name not in NO_DECAY_NAMES
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

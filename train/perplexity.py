@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from osdn_jax.model import CausalLM
 from osdn_jax.train import data as data_lib, shards, sources
 from osdn_jax.train.report import perplexity as ppl_of
+from osdn_jax.loss import DEFAULT_LOSS_CHUNK
 from osdn_jax.train.step import token_losses
 from osdn_jax.train.tokenizer import Tokenizer
 
@@ -119,13 +120,15 @@ def count_targets(cfg: data_lib.DataConfig, tokenizer: Tokenizer, doc_ids: np.nd
 
 def evaluate_perplexity(model: CausalLM, tokenizer: Tokenizer, cfg: data_lib.DataConfig, *,
                         max_batches: int | None = None, progress: bool = True,
-                        doc_ids: np.ndarray | None = None) -> tuple[PositionLoss, dict]:
+                        doc_ids: np.ndarray | None = None,
+                        loss_chunk: int = DEFAULT_LOSS_CHUNK) -> tuple[PositionLoss, dict]:
     """Loss by position over documents ``doc_ids`` of ``cfg``'s source (default: every document; at
     most ``max_batches`` batches of ``cfg.batch_size`` rows of ``cfg.seq_len``). Returns the
-    per-position sums and a summary dict (documents, batches, tokens, loss, ppl)."""
+    per-position sums and a summary dict (documents, batches, tokens, loss, ppl). ``loss_chunk``: the
+    positions of each row whose logits exist at once (``osdn_jax.loss``)."""
     documents, total = count_targets(cfg, tokenizer, doc_ids)
     graphdef, params = nnx.split(model, nnx.Param)
-    step = jax.jit(lambda p, b: token_losses(graphdef, p, b))
+    step = jax.jit(lambda p, b: token_losses(graphdef, p, b, loss_chunk))
     params = nnx.to_pure_dict(params)
     acc = PositionLoss.zeros(cfg.seq_len)
     batches = 0

@@ -2,7 +2,8 @@
 where an earlier run's files go when a run starts over in place.
 
 A run directory holds ``config.json`` (``{"train": ..., "model": ...}``), ``tokenizer.json``,
-``checkpoints/<step>/``, ``metrics.jsonl``, ``summary.json``, ``loss.png`` and ``eval/``. The
+``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``summary.json``, ``loss.png``, ``eval/``
+and ``profile/`` (``--profile.steps``). The
 training loop checks a directory before it writes anything to it:
 
 - resuming (``checkpoint.resume``, the default) from checkpoints trained with other ``KEPT_FIELDS``
@@ -28,7 +29,7 @@ from osdn_jax.train.tokenizer import TOKENIZER_FILE
 CONFIG_FILE = "config.json"
 PREVIOUS_PREFIX = "previous-"
 # What a run leaves besides its config and tokenizer; starting over moves them aside.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "eval")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "eval", "tensorboard", "profile")
 
 # Settings a run keeps for its whole life: they fix the parameters (their shapes and initial
 # values), the optimizer state's layout or the data stream a checkpoint continues.

@@ -7,34 +7,37 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-
-def token_losses(graphdef, params, batch) -> jax.Array:
-    """``[B, T]`` next-token cross-entropy, 0 wherever ``loss_mask`` is 0."""
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["segment_ids"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return ce * batch["loss_mask"].astype(jnp.float32)
+from osdn_jax import loss as loss_lib
+from osdn_jax.loss import DEFAULT_LOSS_CHUNK
 
 
-def loss_sums(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
+def token_losses(graphdef, params, batch, loss_chunk: int = DEFAULT_LOSS_CHUNK) -> jax.Array:
+    """``[B, T]`` next-token cross-entropy, 0 wherever ``loss_mask`` is 0. The logits exist
+    ``loss_chunk`` positions of each row at a time (``osdn_jax.loss``; 0: all at once)."""
+    return loss_lib.token_losses(nnx.merge(graphdef, params), batch, loss_chunk)
+
+
+def loss_sums(graphdef, params, batch, loss_chunk: int = DEFAULT_LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy over ``loss_mask`` and the number of counted targets."""
-    return jnp.sum(token_losses(graphdef, params, batch)), jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    return (jnp.sum(token_losses(graphdef, params, batch, loss_chunk)),
+            jnp.sum(batch["loss_mask"].astype(jnp.float32)))
 
 
 def _select(ok, new, old):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum: int):
+def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum: int,
+                    loss_chunk: int = DEFAULT_LOSS_CHUNK):
     """``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
     The loss is the mean over every counted target of the batch; with ``grad_accum`` > 1 the rows
     are processed in micro-batches (row ``j`` in micro-batch ``j mod grad_accum``) whose summed
     losses and gradients are added before one update, so the step equals the full-batch step. A
     step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged
-    (``metrics['ok']`` is False).
+    (``metrics['ok']`` is False). ``loss_chunk``: see ``token_losses``.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
 
     def step(params, opt_state, batch):
         if grad_accum == 1:
@@ -70,6 +73,25 @@ def mean_loss(eval_step, params, batches) -> tuple[float, float]:
     return total / max(count, 1.0), count
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, loss_chunk: int = DEFAULT_LOSS_CHUNK):
     """``eval_step(params, batch) -> (summed loss, counted targets)``."""
-    return lambda params, batch: loss_sums(graphdef, params, batch)
+    return lambda params, batch: loss_sums(graphdef, params, batch, loss_chunk)
+
+
+def abstract_train_step(model_cfg, batch_size: int, seq_len: int, loss_chunk: int = DEFAULT_LOSS_CHUNK,
+                        optim=None) -> tuple:
+    """``(step, args)``: the trainer's jitted step (parameters and optimizer state donated) for
+    ``CausalLM(model_cfg)`` on batches ``[batch_size, seq_len]``, and abstract arguments for it
+    (``jax.ShapeDtypeStruct`` s: nothing is allocated). ``step.lower(*args).compile()`` gives XLA's
+    executable, e.g. its ``memory_analysis()``. ``optim``: an ``OptimConfig`` (default: the trainer's)."""
+    from osdn_jax.model import CausalLM
+    from osdn_jax.train.config import OptimConfig
+    from osdn_jax.train.optim import make_optimizer
+
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    tx = make_optimizer(optim or OptimConfig(), 1000)
+    batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32)
+             for k in ("inputs", "targets", "segment_ids", "loss_mask")}
+    step = jax.jit(make_train_step(graphdef, tx, 1, loss_chunk), donate_argnums=(0, 1))
+    return step, (params, jax.eval_shape(tx.init, params), batch)

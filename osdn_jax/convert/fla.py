@@ -23,6 +23,7 @@ when every file is complete: a failed save leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -38,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from osdn_jax.convert.fla_config import fla_config_from_model, model_config_from_fla, osdn_is_deltanet
+from osdn_jax.layer_stacks import convert_layout
 from osdn_jax.model import CausalLM, ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -151,7 +153,8 @@ def load_fla(path: str | Path, *, as_osdn: bool = False, param_dtype: str = "flo
                                 ignore_fields=tuple(ignore_fields), param_dtype=param_dtype,
                                 compute_dtype=compute_dtype, **overrides)
     files = weight_files(folder)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    unrolled = dataclasses.replace(cfg, scan_layers=False)  # fla names one tensor per layer
+    abstract = nnx.state(nnx.eval_shape(lambda: CausalLM(unrolled, rngs=nnx.Rngs(0))), nnx.Param)
     leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract))[0]
     wanted = {}
     for key_path, leaf in leaves:
@@ -170,9 +173,7 @@ def load_fla(path: str | Path, *, as_osdn: bool = False, param_dtype: str = "flo
         raise ValueError(f"{files[extra[0]]}: unexpected tensor {extra[0]!r} ({len(extra)} in all): config.json does "
                          "not describe this checkpoint's layers")
     values = _read_tensors(wanted, files, upcycled, _np_dtype(param_dtype))
-    state = abstract
-    nnx.replace_by_pure_dict(state, _nest(values))
-    return nnx.merge(graphdef, state), cfg
+    return CausalLM.from_params(cfg, _nest(values)), cfg
 
 
 def _np_dtype(name: str):
@@ -268,7 +269,7 @@ def save_fla(model: CausalLM, path: str | Path, *, dtype: str | None = None, max
     cfg = model.config
     dest = Path(path)
     check_new_folder("path", dest)
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    pure = convert_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), dataclasses.replace(cfg, scan_layers=False))
     leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
     params = {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp): v for kp, v in leaves}
     if as_deltanet:
