@@ -3,7 +3,8 @@
 Block: RMSNorm → mixer → residual; RMSNorm → SwiGLU MLP → residual. Embeddings (untied unless
 ``tie_embeddings``), a final RMSNorm and an LM head. ``attention_layers`` makes a hybrid: those
 layers use softmax attention (``attention``'s config) instead of ``mixer``. Parameters are fp32 by
-default; ``compute_dtype`` sets the activations.
+default; ``compute_dtype`` sets the activations. With ``scan_layers`` the blocks of each run of
+identical layers are stacked and run as one ``nnx.scan`` (``osdn_jax.layer_stacks``).
 """
 
 from __future__ import annotations
