@@ -85,3 +85,72 @@ def format_ratio_table(result: dict, title: str = "recall residual ratio (geomet
         rows.append(f"{i:>5} {r:>9.4f} {float(np.mean(w)):>8.4f}  " + " ".join(f"{h:.4f}" for h in heads))
     rows.append(f"{'all':>5} {result['overall']:>9.4f}  over {result['tokens']} tokens")
     return "\n".join(rows)
+
+
+# -- where a model writes: the write strength by position, and the learned d0 -------------------
+
+def positions_in_piece(segment_ids: np.ndarray) -> np.ndarray:
+    """``[B, T]`` index of each position within its packed piece (a run of equal segment ids): the
+    tokens since its document started, which is when every state (S, d, conv) restarted."""
+    B, T = segment_ids.shape
+    t = np.broadcast_to(np.arange(T), (B, T))
+    starts = np.ones((B, T), bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)
+
+
+def d0_stats(model: CausalLM) -> list[dict] | None:
+    """Per layer, the learned initial preconditioner ``d0 [H, K]`` of OSDN mixers: ``{"layer", "mean",
+    "min", "max"}`` (layers without one, e.g. a hybrid's attention, are left out); None when no layer
+    has one (DeltaNet, Gated DeltaNet: d ≡ 1)."""
+    rows = []
+    for i in range(model.config.num_layers):
+        mixer = model.layer(i).mixer
+        if hasattr(mixer, "d0"):
+            d0 = np.asarray(mixer.d0[...], np.float64)
+            rows.append({"layer": i, "mean": float(d0.mean()), "min": float(d0.min()), "max": float(d0.max())})
+    return rows or None
+
+
+def write_strength_by_position(model: CausalLM, batches, ranges: list[tuple[int, int]], *,
+                               mask_key: str | None = "loss_mask") -> dict:
+    """The mean write strength ``w_t = β_t⟨d_t, k_t²⟩`` (DeltaNet / GDN: ``β_t‖k_t‖²``) by position
+    bucket, the position being the token's index in its document (``positions_in_piece``).
+
+    ``batches``: as ``recall_residual_ratio``'s. ``ranges``: half-open ``(lo, hi)`` position buckets.
+    Returns a JSON-ready dict: ``buckets`` (``lo``, ``hi``, ``tokens``, ``mean`` over heads and
+    layers, ``per_layer [L]``), ``tokens`` and ``d0`` (``d0_stats``)."""
+    fn = nnx.jit(write_strengths)
+    L = model.config.num_layers
+    sums, counts = np.zeros((len(ranges), L)), np.zeros(len(ranges))
+    for batch in batches:
+        tokens = jnp.asarray(batch["inputs"])
+        seg = batch.get("segment_ids")
+        w = np.asarray(fn(model, tokens, None if seg is None else jnp.asarray(seg)), np.float64).mean(axis=3)
+        pos = positions_in_piece(np.zeros(tokens.shape, np.int64) if seg is None else np.asarray(seg))
+        mask = np.ones(tokens.shape, bool) if mask_key not in batch else np.asarray(batch[mask_key]) > 0
+        for j, (lo, hi) in enumerate(ranges):
+            sel = mask & (pos >= lo) & (pos < hi)  # [B, T]
+            sums[j] += w[:, sel].sum(axis=1)
+            counts[j] += sel.sum()
+    if counts.sum() == 0:
+        raise ValueError("batches: no tokens to measure (empty input or an all-zero mask)")
+    buckets = [{"lo": lo, "hi": hi, "tokens": int(n),
+                "mean": float(sums[j].mean() / n) if n else float("nan"),
+                "per_layer": (sums[j] / n).tolist() if n else [float("nan")] * L}
+               for j, ((lo, hi), n) in enumerate(zip(ranges, counts))]
+    return {"buckets": buckets, "tokens": int(counts.sum()), "d0": d0_stats(model)}
+
+
+def format_strength_table(result: dict, title: str = "write strength by position in the document") -> str:
+    """The table of ``write_strength_by_position``'s result, then the learned d0 per layer."""
+    L = len(result["buckets"][0]["per_layer"])
+    rows = [title, f"{'positions':>14} {'tokens':>9} {'mean w':>8}  " + " ".join(f"{'layer ' + str(i):>8}"
+                                                                                  for i in range(L))]
+    for b in result["buckets"]:
+        rows.append(f"{f'[{b['lo']}, {b['hi']})':>14} {b['tokens']:>9} {b['mean']:>8.4f}  "
+                    + " ".join(f"{w:>8.4f}" for w in b["per_layer"]))
+    if result["d0"]:
+        rows.append("learned d0: " + "; ".join(f"layer {r['layer']} mean {r['mean']:.3f} [{r['min']:.3f}, "
+                                               f"{r['max']:.3f}]" for r in result["d0"]))
+    return "\n".join(rows)

@@ -70,3 +70,33 @@ def test_attention_models_are_refused():
     model = _model(mixer_config("attention"))
     with pytest.raises(ValueError, match="delta-rule mixers"):
         diagnostics.write_strengths(model, jnp.zeros((1, 4), jnp.int32))
+
+
+def test_write_strength_by_position_is_the_mean_of_the_measured_strengths():
+    """Packed documents: every token counts in the bucket of its position in its own document, the
+    mean over heads and layers of ``write_strengths``; at each document start OSDN-apr (d0 = 0)
+    writes nothing and DeltaNet writes β‖k‖² > 0; ``d0`` reports the parameters."""
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 24), 0, 64)
+    seg = jnp.asarray(np.repeat([[0, 1, 2], [0, 0, 1]], 8, axis=1))
+    ranges = [(0, 1), (1, 4), (4, 16)]
+    for name in ("osdn-apr", "deltanet"):
+        model = _model(MIXERS[name])
+        got = diagnostics.write_strength_by_position(model, [{"inputs": tokens, "segment_ids": seg}], ranges)
+        w = np.asarray(diagnostics.write_strengths(model, tokens, seg), np.float64)  # [L, B, T, H]
+        pos = diagnostics.positions_in_piece(np.asarray(seg))
+        assert pos[0].tolist() == [*range(8)] * 3 and pos[1].tolist() == [*range(16), *range(8)]
+        for bucket, (lo, hi) in zip(got["buckets"], ranges):
+            sel = (pos >= lo) & (pos < hi)
+            assert bucket["tokens"] == sel.sum()
+            np.testing.assert_allclose(bucket["per_layer"], w[:, sel].mean(axis=(1, 2)), rtol=1e-6)
+            np.testing.assert_allclose(bucket["mean"], w[:, sel].mean(), rtol=1e-6)
+        first = got["buckets"][0]["mean"]
+        if name == "osdn-apr":
+            assert first == 0.0 and got["buckets"][2]["mean"] > 0
+            d0 = [np.asarray(model.layer(i).mixer.d0[...]) for i in range(2)]
+            assert [r["mean"] for r in got["d0"]] == pytest.approx([float(d.mean()) for d in d0])
+            assert [r["max"] for r in got["d0"]] == pytest.approx([float(d.max()) for d in d0])
+        else:
+            assert first > 0 and got["d0"] is None
+    table = diagnostics.format_strength_table(got)
+    assert "[0, 1)" in table and "[4, 16)" in table

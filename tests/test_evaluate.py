@@ -121,6 +121,23 @@ def test_ppl_loss_chunk_gives_the_dense_loss(run_dir, tmp_path):
     assert main(["ppl", str(run_dir), "--data", str(tmp_path / "corpus.txt"), "--loss-chunk", "-1"]) == 2
 
 
+def test_strength_cli_matches_the_library(run_dir, capsys):
+    from osdn_jax import diagnostics
+
+    assert main(["strength", str(run_dir), "--data", str(FDA), "--batch-size", "2", "--max-batches", "2",
+                 "--no-progress", "--buckets", "4"]) == 0
+    assert "write strength by position" in capsys.readouterr().out
+    rec = _record(run_dir / "eval" / "strength-fda_like-step7.json")
+    assert (run_dir / "eval" / "strength-fda_like-step7.png").stat().st_size > 1000
+    model, tok, _, _ = load_run(run_dir)
+    cfg = data_lib.DataConfig(source="jsonl", path=str(FDA), seq_len=32, batch_size=2)
+    batches = list(data_lib.iter_document_batches(cfg, tok))[:2]
+    expected = diagnostics.write_strength_by_position(model, batches, perplexity.position_buckets(32, 4))
+    assert [b["tokens"] for b in rec["buckets"]] == [b["tokens"] for b in expected["buckets"]]
+    assert [b["mean"] for b in rec["buckets"]] == pytest.approx([b["mean"] for b in expected["buckets"]], rel=1e-6)
+    assert rec["d0"] is not None and len(rec["d0"]) == 1  # the run's 1-layer OSDN
+
+
 def test_ratio_cli_matches_the_library(run_dir, capsys):
     from osdn_jax import diagnostics
 

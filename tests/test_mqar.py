@@ -1,5 +1,6 @@
 """MQAR: the generator's layout and errors, and the grid's outputs and resume (tiny sizes)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -37,6 +38,23 @@ def test_same_seed_same_data_and_power_law_gaps():
     assert not (a[0] == c[0]).all()
     gaps = (query_positions(a[1]) - 32) // 2  # slots 0 .. 111
     assert np.median(gaps) < 112 / 2 - 10  # short gaps are more likely than under a uniform draw
+
+
+def test_warm_prefix_keeps_the_zoology_layout_after_it():
+    """``prefix=P``: P unscored random tokens, then exactly the ``prefix=0`` row; ``prefix=0`` is the
+    generator's output from before the prefix existed (its digest, pinned)."""
+    import hashlib
+
+    cold = make_mqar(8, 64, 4, vocab_size=256, seed=5)
+    assert hashlib.sha256(cold[0].tobytes() + cold[1].tobytes()).hexdigest() == \
+        "cded23e3b8fd0b8099a95ebdbba8d8619d83c915176f3a1d3ab95c6c56cff7a7"
+    inputs, targets = make_mqar(8, 64, 4, vocab_size=256, seed=5, prefix=100)
+    assert inputs.shape == targets.shape == (8, 164)
+    assert (inputs[:, 100:] == cold[0]).all() and (targets[:, 100:] == cold[1]).all()
+    assert (targets[:, :100] == IGNORE).all() and len(np.unique(inputs[:, :100])) > 100
+    assert ((query_positions(targets) - 100) == query_positions(cold[1])).all()
+    with pytest.raises(ValueError, match="prefix"):
+        make_mqar(8, 64, 4, vocab_size=256, prefix=-1)
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -77,6 +95,31 @@ def test_grid_writes_results_table_plot_and_resumes(tmp_path, capsys):
     assert len(mqar.best_per_cell(rows)) == 2
     stored = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines() if x.endswith("}")]
     assert len(stored) == 4
+
+
+def test_learning_curves_strength_and_warm_runs_are_recorded_and_resumed(tmp_path, capsys):
+    """``curve_every``: held-out accuracy every N steps (and at the end) in each row, kept when the
+    grid resumes; delta-rule rows carry the write strength by position and OSDN rows the learned
+    d0; rows written before ``prefix`` / ``curve_every`` existed still count for the default budget."""
+    budget = Budget(vocab_size=64, train_tokens=64 * 48, test_examples=32, batch_size=16, head_dim=16,
+                    curve_every=2, prefix=8)
+    cfg = GridConfig(out_dir=str(tmp_path), mixers=("osdn-d1", "deltanet"), widths=(32,), settings=("32:4",),
+                     lrs=(1e-2,), budget=budget, progress=False)
+    rows = mqar.run_grid(cfg)
+    for r in rows:
+        assert r["steps"] == 6 and [s for s, _ in r["curve"]] == [2, 4, 6]
+        assert r["curve"][-1][1] == pytest.approx(r["accuracy"], abs=1e-4)
+        buckets = r["write_strength"]
+        assert buckets[0]["lo"] == 0 and buckets[-1]["hi"] == 40 and sum(b["tokens"] for b in buckets) == 32 * 40
+    assert rows[0]["d0"][0]["layer"] == 0 and rows[1]["d0"] is None
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text(lines[0] + "\n" + lines[1][:30])
+    capsys.readouterr()
+    again = mqar.run_grid(cfg)
+    assert "1 of 2 runs already" in capsys.readouterr().out
+    assert [r["curve"] for r in again][0] == rows[0]["curve"] and len(again[1]["curve"]) == 3
+    old = {k: v for k, v in dataclasses.asdict(TINY).items() if k not in ("prefix", "curve_every")}
+    assert mqar.same_budget(old, TINY) and not mqar.same_budget(old, budget)
 
 
 def test_grid_config_errors():

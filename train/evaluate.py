@@ -10,6 +10,8 @@ where one helps) to ``RUN_DIR/eval/<command>-<data>-step<N>.json``.
         [--context-budget 1000] [--limit N]      # JRT-style in-context recall (FDA / SWDE / SQuAD)
     python -m osdn_jax.train.evaluate ratio RUN_DIR --data PATH [--max-batches 16]
         # recall residual ratio per layer and head (delta-rule mixers), geometric mean over tokens
+    python -m osdn_jax.train.evaluate strength RUN_DIR --data PATH [--max-batches 16] [--buckets N]
+        # mean write strength by position in the document (delta-rule mixers), and the learned d0
 
 Every command takes ``--step N`` (default: the newest checkpoint) and ``--out-dir DIR`` (default
 ``RUN_DIR/eval``). ``python -m osdn_jax.train.evaluate RUN_DIR ...`` (no command) is ``sample``.
@@ -319,23 +321,58 @@ def _ratio_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(max_batches=16)
 
 
-def _ratio(args: argparse.Namespace) -> None:
+def _document_batches(args: argparse.Namespace, run: Run, cfg: data_lib.DataConfig, desc: str):
+    """The first ``--max-batches`` batches of ``--data``'s documents, behind a progress bar."""
     from tqdm import tqdm
 
+    batches = data_lib.iter_document_batches(cfg, run.tokenizer)
+    if args.max_batches is not None:
+        batches = itertools.islice(batches, args.max_batches)
+    return tqdm(batches, desc=desc, unit="batch", disable=args.no_progress)
+
+
+def _ratio(args: argparse.Namespace) -> None:
     from osdn_jax import diagnostics
 
     _check_data_flags(args)
     run = _load(args)
     cfg = _data_config(args, run)
     with _data_errors():
-        batches = data_lib.iter_document_batches(cfg, run.tokenizer)
-        if args.max_batches is not None:
-            batches = itertools.islice(batches, args.max_batches)
-        result = diagnostics.recall_residual_ratio(
-            run.model, tqdm(batches, desc="ratio", unit="batch", disable=args.no_progress))
+        result = diagnostics.recall_residual_ratio(run.model, _document_batches(args, run, cfg, "ratio"))
     print(diagnostics.format_ratio_table(result, f"{args.data}: recall residual ratio (geometric mean)"))
     _save(args, run, "ratio", report.data_name(args.data),
           {"data": str(args.data), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, **result})
+
+
+# ---------------------------------------------------------------------------------------------
+# strength: where the model writes, β⟨d, k²⟩ by position in the document, and the learned d0
+
+
+def _strength_arguments(p: argparse.ArgumentParser) -> None:
+    _data_arguments(p)
+    p.add_argument("--buckets", type=int, default=None,
+                   help="N equal-width position buckets (default: powers of two)")
+    p.set_defaults(max_batches=16)
+
+
+def _strength(args: argparse.Namespace) -> None:
+    from osdn_jax import diagnostics
+    from osdn_jax.train import perplexity
+
+    _positive("--buckets", args.buckets)
+    _check_data_flags(args)
+    run = _load(args)
+    cfg = _data_config(args, run)
+    with _data_errors():
+        result = diagnostics.write_strength_by_position(run.model, _document_batches(args, run, cfg, "strength"),
+                                                        perplexity.position_buckets(cfg.seq_len, args.buckets))
+    print(diagnostics.format_strength_table(result, f"{args.data}: mean write strength by position in the document"))
+    name = report.data_name(args.data)
+    path = _save(args, run, "strength", name, {"data": str(args.data), "seq_len": cfg.seq_len,
+                                                "batch_size": cfg.batch_size, **result})
+    title = f"{run.run_dir.name} step {run.step}: {name}, write strength by position"
+    png = report.plot_write_strength({run.model.config.mixer_name: result["buckets"]}, path.with_suffix(".png"), title)
+    print(f"wrote {png}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +393,8 @@ COMMANDS: dict[str, Command] = {
                       _recall),
     "ratio": Command("recall residual ratio (1 − β⟨d, k²⟩)² per layer and head on a corpus or prompt file",
                      _ratio_arguments, _ratio),
+    "strength": Command("mean write strength β⟨d, k²⟩ by position in the document, and the learned d0",
+                        _strength_arguments, _strength),
 }
 
 

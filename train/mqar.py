@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from osdn_jax.diagnostics import recall_residual_ratio
+from osdn_jax.diagnostics import recall_residual_ratio, write_strength_by_position
 from osdn_jax.mixers import mixer_config
 from osdn_jax.model import CausalLM, ModelConfig
 from osdn_jax.ops.checks import require
@@ -52,16 +52,21 @@ def _check_mqar(num_examples, seq_len, num_pairs, vocab_size, power_a):
 
 
 def make_mqar(num_examples: int, seq_len: int, num_pairs: int, vocab_size: int = 8192, seed: int = 0,
-              power_a: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """``(inputs, targets)``, int32 ``[num_examples, seq_len]``.
+              power_a: float = 0.01, prefix: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs, targets)``, int32 ``[num_examples, prefix + seq_len]``.
 
     Row layout: ``k_1 v_1 k_2 v_2 … k_N v_N`` (distinct keys in ``[1, V/2)``, values in ``[V/2, V)``),
     then each key once as a query at position ``2N + 2g`` with distinct gaps ``g`` drawn from
     ``P(g) ∝ (g + 1)^(power_a − 1)`` over the ``(L − 2N) / 2`` slots (short gaps are likely);
     every other position holds a uniformly random token. ``targets[n, t]`` is the value of the key
     queried at position t, ``IGNORE`` (−100) elsewhere. The same arguments give the same data.
+
+    ``prefix`` (the warm variant) puts that many uniformly random filler tokens, never scored,
+    before every row, so a mixer's online state (OSDN's d) has run that long when the pairs arrive;
+    the rest of the row is exactly the ``prefix=0`` row (the filler has its own random stream).
     """
     _check_mqar(num_examples, seq_len, num_pairs, vocab_size, power_a)
+    require(isinstance(prefix, (int, np.integer)) and prefix >= 0, "prefix", "an int >= 0", prefix)
     rng = np.random.default_rng(seed)
     N, L, V = num_pairs, seq_len, vocab_size
     slots = (L - 2 * N) // 2
@@ -77,6 +82,10 @@ def make_mqar(num_examples: int, seq_len: int, num_pairs: int, vocab_size: int =
     query_pos = 2 * N + 2 * gaps
     inputs[rows, query_pos] = keys
     targets[rows, query_pos] = values
+    if prefix:
+        filler = np.random.default_rng([seed, 1]).integers(0, V, size=(num_examples, prefix), dtype=np.int64)
+        inputs = np.concatenate([filler, inputs], axis=1)
+        targets = np.concatenate([np.full((num_examples, prefix), IGNORE, np.int64), targets], axis=1)
     return inputs.astype(np.int32), targets.astype(np.int32)
 
 
@@ -95,6 +104,8 @@ MIXERS: dict[str, tuple[str, dict]] = {
     # grid name: (mixer registry name, config options)
     "osdn": ("osdn", {}),
     "osdn-apf": ("osdn", {"apf": True}),
+    "osdn-d1": ("osdn", {"d0_init": 1.0}),  # the paper's apr preset but d0 = 1: full writes from token 0
+    "osdn-may": ("osdn", {"preset": "may"}),
     "deltanet": ("deltanet", {}),
     "gdn": ("gdn", {}),
     "attention": ("attention", {"conv_size": 4}),
@@ -115,6 +126,8 @@ class Budget:
     warmup_fraction: float = 0.1  # linear warmup over this share of the steps, then cosine to 0
     weight_decay: float = 0.1  # AdamW's decoupled weight decay
     data_seed: int = 0  # the test set uses data_seed + 1
+    prefix: int = 0  # warm variant: random filler tokens before every row's pairs (make_mqar's prefix)
+    curve_every: int = 0  # held-out accuracy every this many steps, into the row's "curve" (0: none)
 
     def train_examples(self, seq_len: int) -> int:
         return max(self.batch_size, self.train_tokens // seq_len)
@@ -132,7 +145,7 @@ def model_for(mixer: str, width: int, seq_len: int, budget: Budget) -> ModelConf
         options = {**options, "chunk_size": budget.chunk_size}
     return ModelConfig(vocab_size=budget.vocab_size, hidden_size=width, num_layers=2,
                        num_heads=width // budget.head_dim, mixer=mixer_config(name, **options), use_mlp=False,
-                       compute_dtype="float32", max_seq_len=seq_len)
+                       compute_dtype="float32", max_seq_len=budget.prefix + seq_len)
 
 
 def _optimizer(weight_decay: float) -> optax.GradientTransformation:
@@ -173,8 +186,10 @@ class _Data:
 
     def __init__(self, seq_len: int, num_pairs: int, budget: Budget):
         b = budget
-        self.train = make_mqar(b.train_examples(seq_len), seq_len, num_pairs, b.vocab_size, b.data_seed)
-        self.test = make_mqar(b.test_examples, seq_len, num_pairs, b.vocab_size, b.data_seed + 1)
+        self.seq_len = seq_len  # without the prefix
+        self.train = make_mqar(b.train_examples(seq_len), seq_len, num_pairs, b.vocab_size, b.data_seed,
+                               prefix=b.prefix)
+        self.test = make_mqar(b.test_examples, seq_len, num_pairs, b.vocab_size, b.data_seed + 1, prefix=b.prefix)
         self.train_q = query_positions(self.train[1])
         self.test_q = query_positions(self.test[1])
 
@@ -202,10 +217,10 @@ class Cell:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         opt_state = self.tx.init(params)
         order = np.random.default_rng(seed)
-        L = self.data.train[0].shape[1]
+        L = self.data.seq_len
         steps, examples = b.steps(L), b.train_examples(L)
         per_epoch = examples // b.batch_size
-        start, step, losses = time.perf_counter(), 0, []
+        start, step, losses, curve = time.perf_counter(), 0, [], []
         for _ in range(b.epochs):
             perm = order.permutation(examples)
             for i in range(per_epoch):
@@ -216,15 +231,18 @@ class Cell:
                 step += 1
                 if step % 50 == 0 or step == steps:
                     losses.append((step, round(float(loss), 4)))
+                if b.curve_every and (step % b.curve_every == 0 or step == steps):
+                    curve.append((step, round(self.evaluate(params)[0], 4)))
         train_seconds = time.perf_counter() - start
         acc, loss = self.evaluate(params)
-        row = {"mixer": self.mixer, "width": self.width, "seq_len": int(self.data.train[0].shape[1]),
+        row = {"mixer": self.mixer, "width": self.width, "seq_len": L,
                "num_pairs": int(self.data.train_q.shape[1]), "lr": lr, "seed": seed, "accuracy": acc,
-               "test_loss": loss, "train_loss_curve": losses,
+               "test_loss": loss, "train_loss_curve": losses, "curve": curve,
                "diverged": not math.isfinite(loss), "steps": steps, "train_seconds": round(train_seconds, 1),
                "params": int(sum(x.size for x in jax.tree.leaves(params))), "budget": dataclasses.asdict(b)}
         if self.mixer != "attention":
             row["residual_ratio"] = self.ratio(params)
+            row.update(self.strength(params))
         return row
 
     def evaluate(self, params, batch_size: int = 128) -> tuple[float, float]:
@@ -237,6 +255,17 @@ class Cell:
             accs.append(float(acc) * len(idx))
             losses.append(float(loss) * len(idx))
         return sum(accs) / n, sum(losses) / n
+
+    def strength(self, params, examples: int = 128) -> dict:
+        """``{"write_strength": buckets, "d0": per layer}``: the mean write strength by position
+        (powers of two; the prefix included) on test rows, and the learned d0 (OSDN)."""
+        from osdn_jax.train.perplexity import position_buckets
+
+        model = nnx.merge(self.graphdef, params)
+        rows = self.data.test[0][:examples]
+        result = write_strength_by_position(model, [{"inputs": rows[i:i + 64]} for i in range(0, len(rows), 64)],
+                                            position_buckets(rows.shape[1]))
+        return {"write_strength": result["buckets"], "d0": result["d0"]}
 
     def ratio(self, params, examples: int = 128) -> float:
         """The recall residual ratio (geometric mean over every token, head and layer) on test rows."""
@@ -276,6 +305,12 @@ def run_key(row: dict) -> tuple:
     return (row["mixer"], row["width"], row["seq_len"], row["num_pairs"], float(row["lr"]), row["seed"])
 
 
+def same_budget(saved: dict | None, budget: Budget) -> bool:
+    """Whether a row's recorded budget is ``budget``; fields added since the row was written count
+    at their defaults (rows from before ``prefix`` existed were cold runs)."""
+    return isinstance(saved, dict) and {**dataclasses.asdict(Budget()), **saved} == dataclasses.asdict(budget)
+
+
 def read_results(path: Path, budget: Budget | None = None) -> list[dict]:
     """Rows of ``results.jsonl`` (those with ``budget`` when given); a torn last line is ignored."""
     if not path.is_file():
@@ -286,7 +321,7 @@ def read_results(path: Path, budget: Budget | None = None) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by an interruption: that run is redone
-        if budget is None or row.get("budget") == dataclasses.asdict(budget):
+        if budget is None or same_budget(row.get("budget"), budget):
             rows.append(row)
     return rows
 
@@ -395,7 +430,7 @@ def run_grid(cfg: GridConfig) -> list[dict]:
     data: _Data | None = None
     cell: Cell | None = None
     for L, N, m, w, lr, s in todo:
-        if data is None or data.train[0].shape[1] != L or data.train_q.shape[1] != N:
+        if data is None or data.seq_len != L or data.train_q.shape[1] != N:
             data, cell = _Data(L, N, cfg.budget), None
         if cell is None or (cell.mixer, cell.width) != (m, w):
             cell = Cell(m, w, data, L, cfg.budget)

@@ -26,10 +26,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from osdn_jax.diagnostics import positions_in_piece
+from osdn_jax.loss import DEFAULT_LOSS_CHUNK
 from osdn_jax.model import CausalLM
 from osdn_jax.train import data as data_lib, shards, sources
-from osdn_jax.train.report import perplexity as ppl_of
-from osdn_jax.loss import DEFAULT_LOSS_CHUNK
+from osdn_jax.train.report import perplexity as ppl_of, save_figure
 from osdn_jax.train.step import token_losses
 from osdn_jax.train.tokenizer import Tokenizer
 
@@ -65,15 +66,6 @@ def position_buckets(seq_len: int, num_buckets: int | None = None) -> list[tuple
             raise ValueError(f"--buckets: expected an int >= 1, got {num_buckets}")
         edges = sorted({round(i * seq_len / num_buckets) for i in range(num_buckets + 1)})
     return list(itertools.pairwise(edges))
-
-
-def positions_in_piece(segment_ids: np.ndarray) -> np.ndarray:
-    """``[B, T]`` index of each position within its packed piece (a run of equal segment ids)."""
-    B, T = segment_ids.shape
-    t = np.broadcast_to(np.arange(T), (B, T))
-    starts = np.ones((B, T), bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)
 
 
 @dataclasses.dataclass
@@ -164,9 +156,4 @@ def plot_buckets(rows: list[dict], path: Path, title: str, log_x: bool) -> Path:
     ax.set_xlabel("tokens of context read (position in the window + 1)")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)

@@ -66,3 +66,37 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 def perplexity(loss: float) -> float:
     """``exp(loss)``, capped at ``exp(50)`` like the training summary."""
     return math.exp(min(loss, 50.0))
+
+
+def plot_write_strength(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """Mean write strength against the position in the document (log₂ axis), one line per entry of
+    ``curves`` (name -> ``write_strength_by_position`` buckets), into ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, buckets in curves.items():
+        rows = [b for b in buckets if b["tokens"]]
+        mid = [((b["lo"] + 1) * b["hi"]) ** 0.5 for b in rows]  # position p sits on [p, p + 1)
+        ax.plot(mid, [b["mean"] for b in rows], "o-", ms=4, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the document + 1")
+    ax.set_ylabel("mean write strength β⟨d, k²⟩")
+    ax.set_title(title, fontsize=10)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    return save_figure(fig, ax, path)
+
+
+def save_figure(fig, ax, path: Path) -> Path:
+    """A grid on ``ax``, then ``fig`` written to ``path`` (PNG, folders made) and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
