@@ -92,7 +92,8 @@ def main(argv=None) -> None:
         (ul, uc), (sl, sc) = times[False], times[True]
         print(f"| {layers:6d} | {ul:22.1f} | {uc:18.1f} | {sl:21.1f} | {sc:17.1f} | {uc / sc:12.1f}x |", flush=True)
     if args.step_time:
-        print(f"\n| {'layers':>6s} | {'unrolled step ms':>16s} | {'scanned step ms':>15s} | {'scanned / unrolled':>18s} |")
+        print(f"\n| {'layers':>6s} | {'unrolled step ms':>16s} | {'scanned step ms':>15s} | "
+              f"{'scanned / unrolled':>18s} |")
         print(f"|{'-' * 8}|{'-' * 18}|{'-' * 17}|{'-' * 20}|")
         for layers in args.layers:
             base = model_config(args.preset, num_layers=layers, remat=args.remat, max_seq_len=max(args.seq_len, 1024))

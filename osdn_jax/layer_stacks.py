@@ -73,10 +73,6 @@ def _slice(leaf, index: int):
     return leaf[index]
 
 
-def _groups(config) -> list[tuple[int, int]]:
-    return list(config.layer_groups())
-
-
 def _item(d: dict, i: int):
     """``d[i]``; restored checkpoints may key layers by ``str(i)``."""
     return d[i] if i in d else d[str(i)]
@@ -86,7 +82,7 @@ def stacked_params(params: dict, config) -> dict:
     """An unrolled parameter dict in the scanned layout of ``config``'s groups."""
     blocks = params[UNROLLED]
     stacks = {g: jax.tree.map(lambda *xs: _stack(list(xs)), *[_item(blocks, i) for i in range(a, b)])
-              for g, (a, b) in enumerate(_groups(config))}
+              for g, (a, b) in enumerate(config.layer_groups())}
     return {**{k: v for k, v in params.items() if k != UNROLLED}, SCANNED: stacks}
 
 
@@ -94,7 +90,7 @@ def unrolled_params(params: dict, config) -> dict:
     """A scanned parameter dict in the unrolled layout."""
     stacks = params[SCANNED]
     blocks = {i: jax.tree.map(lambda x: _slice(x, i - a), _item(stacks, g))
-              for g, (a, b) in enumerate(_groups(config)) for i in range(a, b)}
+              for g, (a, b) in enumerate(config.layer_groups()) for i in range(a, b)}
     return {**{k: v for k, v in params.items() if k != SCANNED}, UNROLLED: blocks}
 
 

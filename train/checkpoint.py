@@ -191,7 +191,10 @@ def restore_newest_params(manager: ocp.CheckpointManager, target, directory, mod
 def restore_step_params(manager: ocp.CheckpointManager, step: int, target, model_config=None):
     """The parameters of checkpoint ``step`` laid out like ``target`` (with ``model_config``: saved
     in either layer layout)."""
-    read = lambda t: (manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(t[0])))["params"],)  # noqa: E731
+    def read(targets):
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(targets[0]))
+        return (manager.restore(step, args=args)["params"],)
+
     return _either_layout(read, (target,), model_config)[0]
 
 

@@ -218,6 +218,7 @@ class _Run:
     graphdef: object
     shardings: dict
     opt_shardings: object
+    tx: object  # the optimizer (optax)
     params: object
     opt_state: object
     data: _Data
@@ -303,8 +304,8 @@ def _set_up_run(cfg: TrainConfig) -> tuple[_Run, bool]:
         opt_state)
     opt_state = jax.device_put(opt_state, opt_shardings)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    return _Run(cfg, run, ckpt, tokenizer, model_cfg, mesh, graphdef, shardings, opt_shardings, params, opt_state,
-                _Data(cfg, tokenizer), n_params, t_start), keep_tokenizer
+    return _Run(cfg, run, ckpt, tokenizer, model_cfg, mesh, graphdef, shardings, opt_shardings, tx, params,
+                opt_state, _Data(cfg, tokenizer), n_params, t_start), keep_tokenizer
 
 
 def _resume(r: _Run):
@@ -383,11 +384,11 @@ def _under_mesh(fn, mesh):
 
 
 def _compile_steps(r: _Run) -> _Steps:
-    tx = make_optimizer(r.cfg.optim, r.cfg.steps)
-    train_step = jax.jit(make_train_step(r.graphdef, tx, r.cfg.optim.grad_accum, r.cfg.loss_chunk), donate_argnums=(0, 1),
-                         in_shardings=(r.shardings, r.opt_shardings, batch_sharding(r.mesh)),
+    batches = batch_sharding(r.mesh)
+    train_step = jax.jit(make_train_step(r.graphdef, r.tx, r.cfg.optim.grad_accum, r.cfg.loss_chunk),
+                         donate_argnums=(0, 1), in_shardings=(r.shardings, r.opt_shardings, batches),
                          out_shardings=(r.shardings, r.opt_shardings, None))
-    eval_step = jax.jit(make_eval_step(r.graphdef, r.cfg.loss_chunk), in_shardings=(r.shardings, batch_sharding(r.mesh)))
+    eval_step = jax.jit(make_eval_step(r.graphdef, r.cfg.loss_chunk), in_shardings=(r.shardings, batches))
     return _Steps(_under_mesh(train_step, r.mesh), _under_mesh(eval_step, r.mesh))
 
 
@@ -443,6 +444,7 @@ class _Pending:
     def __init__(self, r: _Run):
         self.r, self.steps, self.window, self.bad_in_a_row = r, [], [], 0
         self.t_window = time.perf_counter()
+        self.lr_at = learning_rate(r.cfg.optim, r.cfg.steps)
 
     def add(self, step: int, metrics: dict) -> None:
         self.steps.append((step, metrics))
@@ -477,7 +479,7 @@ class _Pending:
             utilisation = {"mfu": mfu(r.flops_per_token, tok_s, r.peak_flops)} if r.peak_flops else {}
             r.metrics.write({"kind": "train", "step": r.step, "loss": loss,
                              "grad_norm": sum(g for _, g in self.window) / len(self.window),
-                             "lr": float(learning_rate(r.cfg.optim, r.cfg.steps)(r.step - 1)),
+                             "lr": float(self.lr_at(r.step - 1)),
                              "tokens": r.tokens_seen, "tokens_per_s": tok_s, "skipped_steps": r.skipped,
                              **utilisation, "elapsed_s": r.elapsed_before + now - r.t_start})
             r.windows.append((len(self.window) * tokens_per_step, now - self.t_window))
