@@ -1,10 +1,12 @@
-"""Small language models, one per mixer, on the embedded corpus: held-out perplexity and the recall
-residual ratio (SPEC §6) side by side.
+"""Small language models, one per mixer, on the embedded corpus: held-out perplexity, the recall
+residual ratio and the write strength by position in the document side by side.
 
     python benchmarks/lm_recall_ratio.py [--steps 400] [--out runs/lm] [--mixers deltanet gdn osdn ...]
 
 Trains (or resumes) ``<out>-<mixer>`` with ``python -m osdn_jax.train`` (the ``tiny`` preset), then
-runs ``evaluate sample`` (held-out loss) and ``evaluate ratio`` on the corpus, and prints a table.
+runs ``evaluate sample`` (held-out loss), ``evaluate ratio`` and ``evaluate strength`` on the corpus,
+prints two tables and writes ``<out>-strength.png`` (every mixer's write strength by position) and
+``<out>-summary.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ MIXERS = {  # name: training flags
     "gdn": ["--model.mixer", "gdn"],
     "osdn": ["--model.mixer", "osdn"],
     "osdn-apf": ["--model.mixer", "osdn", "--model.apf", "True"],
+    "osdn-d1": ["--model.mixer", "osdn", "--model.osdn-preset", "apr-d1"],
     "os_gdn": ["--model.mixer", "os_gdn"],
     "attention": ["--model.mixer", "attention"],
 }
@@ -55,13 +58,39 @@ def main() -> None:
                  "--max-batches", str(args.ratio_batches), "--no-progress"])
             ratio = json.loads(max(Path(run_dir, "eval").glob("ratio-*.json")).read_text())
             row.update(ratio=ratio["overall"], per_layer=ratio["per_layer"])
+            run([py, "-m", "osdn_jax.train.evaluate", "strength", run_dir, "--data", str(CORPUS),
+                 "--max-batches", str(args.ratio_batches), "--no-progress"])
+            strength = json.loads(max(Path(run_dir, "eval").glob("strength-*.json")).read_text())
+            row.update(strength=strength["buckets"], d0=strength["d0"])
         rows.append(row)
+    Path(f"{args.out}-summary.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=1) + "\n")
     print(f"\n| mixer | held-out loss | perplexity | recall residual ratio | per layer |  ({args.steps} steps, tiny)")
     print("|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['ratio']:.4f}" if "ratio" in r else "—"
         layers = ", ".join(f"{x:.3f}" for x in r.get("per_layer", []))
         print(f"| {r['mixer']} | {r['held_out_loss']:.4f} | {r['ppl']:.2f} | {ratio} | {layers} |")
+
+    print_strength(rows, args.steps, Path(f"{args.out}-strength.png"))
+
+
+def print_strength(rows: list[dict], steps: int, png: Path) -> None:
+    """The write strength table (mean over heads and layers, by position in the document; the
+    learned d0's mean over layers) and the plot of every mixer's curve."""
+    from osdn_jax.train.report import plot_write_strength
+
+    rows = [r for r in rows if "strength" in r]
+    if not rows:
+        return
+    spans = [(b["lo"], b["hi"]) for b in rows[0]["strength"]]
+    print("\n| mixer | " + " | ".join(f"w at [{lo}, {hi})" for lo, hi in spans) + " | learned d0 (mean) |")
+    print("|---|" + "---|" * (len(spans) + 1))
+    for r in rows:
+        d0 = f"{sum(x['mean'] for x in r['d0']) / len(r['d0']):.3f}" if r["d0"] else "—"
+        print(f"| {r['mixer']} | " + " | ".join(f"{b['mean']:.3f}" for b in r["strength"]) + f" | {d0} |")
+    plot_write_strength({r["mixer"]: r["strength"] for r in rows}, png,
+                        f"tiny LMs, {steps} steps: write strength by position in the document")
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -101,8 +101,9 @@ class GatedDeltaNetConfig(DeltaNetConfig):
 class OSDNConfig(DeltaNetConfig):
     """OSDN: the write key is ``d ⊙ k`` with d learned online (SPEC §2–3).
 
-    ``preset`` ('apr' or 'may') gives η, d0's initial value and the clip range; the ``eta``,
-    ``d0_init``, ``d_min``, ``d_max`` fields override it when set. ``apf`` adds the forgetting gate
+    ``preset`` ('apr' or 'may', the paper's; 'apr-d1', ours, for short documents) gives η, d0's
+    initial value and the clip range; the ``eta``, ``d0_init``, ``d_min``, ``d_max`` fields override
+    it when set. ``apf`` adds the forgetting gate
     γ = sigmoid(W_a x + b_a) (W_a = 0, b_a = ``apf_bias_init`` at init); ``beta_aware`` selects the
     β-aware hypergradient.
     """

@@ -25,6 +25,10 @@ PRESETS: dict[str, OSDNPreset] = {
     "apr": OSDNPreset("apr", eta=1.0, d0_init=0.0, d_min=0.0, d_max=1e9),
     # Later re-runs (ablation).
     "may": OSDNPreset("may", eta=0.003, d0_init=1.0, d_min=2.0 / 3.0, d_max=1.5),
+    # Not from the paper: 'apr' with d0 = 1, for short documents and retrieval prompts. With d0 = 0 a
+    # document's first writes are near zero (⟨d, k²⟩ grows about as t / K), which is where MQAR puts
+    # its key-value pairs; d0 = 1 writes at DeltaNet's full strength from the first token (docs/mqar.md).
+    "apr-d1": OSDNPreset("apr-d1", eta=1.0, d0_init=1.0, d_min=0.0, d_max=1e9),
 }
 
 

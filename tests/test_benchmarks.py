@@ -90,3 +90,15 @@ def test_compile_time_smoke():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sum(line.startswith("|      2 |") for line in out.stdout.splitlines()) == 2, out.stdout
+
+
+def test_lm_recall_ratio_smoke(tmp_path):
+    """Two training steps of one tiny LM, then its loss, ratio and write-strength tables and plot."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lm_recall_ratio.py"), "--steps", "2",
+                          "--mixers", "osdn-d1", "--ratio-batches", "1", "--out", str(tmp_path / "lm")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| osdn-d1 |")]
+    assert len(rows) == 2, out.stdout  # the loss / ratio table and the write-strength table
+    assert rows[1].split("|")[-2].strip() == "1.000"  # d0 after 2 steps of apr-d1: still ~1
+    assert (tmp_path / "lm-strength.png").stat().st_size > 0 and (tmp_path / "lm-summary.json").is_file()

@@ -100,3 +100,20 @@ def test_write_strength_by_position_is_the_mean_of_the_measured_strengths():
             assert first > 0 and got["d0"] is None
     table = diagnostics.format_strength_table(got)
     assert "[0, 1)" in table and "[4, 16)" in table
+
+
+def test_apr_d1_writes_at_deltanets_strength_from_each_documents_first_token():
+    """The 'apr-d1' preset (apr with d0 = 1): at a document's first token d = d0 = 1, so the write
+    strength is DeltaNet's β‖k‖² with the same weights (apr: 0); later tokens follow OSDN's d."""
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 16), 0, 64)
+    seg = jnp.asarray(np.repeat([[0, 1], [0, 0]], 8, axis=1))
+    osdn = _model(mixer_config("osdn", preset="apr-d1"))
+    delta = _model(MIXERS["deltanet"])
+    nnx.update(osdn, nnx.state(delta, nnx.Param))  # DeltaNet's weights; d0 keeps its init, 1
+    assert all(float(osdn.layer(i).mixer.d0[...].min()) == float(osdn.layer(i).mixer.d0[...].max()) == 1.0
+               for i in range(2))
+    w_osdn = np.asarray(diagnostics.write_strengths(osdn, tokens, seg))
+    w_delta = np.asarray(diagnostics.write_strengths(delta, tokens, seg))
+    starts = diagnostics.positions_in_piece(np.asarray(seg)) == 0
+    np.testing.assert_allclose(w_osdn[:, starts], w_delta[:, starts], rtol=1e-5)
+    assert (w_delta[:, starts] > 0).all() and not np.allclose(w_osdn[:, ~starts], w_delta[:, ~starts])

@@ -54,6 +54,16 @@ def test_paper_presets_carry_the_paper_clip_and_apf():
         assert mixer.apf == ("apf" in name)
 
 
+def test_the_short_document_preset_is_one_flag_of_a_training_run():
+    """``--model.osdn-preset apr-d1``: apr's step size and clip, d0 = 1 in every layer's parameter."""
+    from osdn_jax.train.config import ModelSettings
+
+    cfg = ModelSettings(mixer="osdn", osdn_preset="apr-d1", hidden_size=32, num_heads=2).build(64, 32)
+    assert (cfg.mixer.step_size, cfg.mixer.initial_d, cfg.mixer.clip_range) == (1.0, 1.0, (0.0, 1e9))
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    assert all(float(model.layer(i).mixer.d0[...].min()) == 1.0 for i in range(cfg.num_layers))
+
+
 def test_features_feed_the_head_and_use_mlp_false_drops_the_mlp():
     model = _tiny("osdn")
     tokens = _tokens(2, 16)

@@ -67,19 +67,20 @@ def test_bad_settings_name_the_argument(kwargs, name):
         make_mqar(**kwargs)
 
 
-TINY = Budget(vocab_size=64, train_tokens=64 * 32, test_examples=32, epochs=1, batch_size=32, head_dim=16)
+TINY = Budget(vocab_size=64, train_tokens=64 * 32, test_examples=32, epochs=1, batch_size=32, head_dim=16,
+              curve_every=0)
 
 
 def test_grid_writes_results_table_plot_and_resumes(tmp_path, capsys):
     cfg = GridConfig(out_dir=str(tmp_path), mixers=("osdn", "attention"), widths=(32,), settings=("32:4",),
-                     lrs=(1e-2,), budget=TINY, progress=False)
+                     lrs=(1e-2,), seeds=(0,), budget=TINY, progress=False)
     rows = mqar.run_grid(cfg)
     assert [(r["mixer"], r["width"], r["seq_len"], r["num_pairs"]) for r in rows] == [
         ("osdn", 32, 32, 4), ("attention", 32, 32, 4)]
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 2
     assert 0.0 < rows[0]["residual_ratio"] <= 1.0 and "residual_ratio" not in rows[1]
-    assert (tmp_path / "mqar.png").stat().st_size > 0
+    assert (tmp_path / "mqar.png").stat().st_size > 0 and (tmp_path / "strength.png").stat().st_size > 0
     table = (tmp_path / "results.md").read_text()
     assert "| osdn | 32 |" in table and "| attention | 32 |" in table
     # Resume: a torn last line is redone, finished runs are not; a new lr adds only its runs.
@@ -104,13 +105,15 @@ def test_learning_curves_strength_and_warm_runs_are_recorded_and_resumed(tmp_pat
     budget = Budget(vocab_size=64, train_tokens=64 * 48, test_examples=32, batch_size=16, head_dim=16,
                     curve_every=2, prefix=8)
     cfg = GridConfig(out_dir=str(tmp_path), mixers=("osdn-d1", "deltanet"), widths=(32,), settings=("32:4",),
-                     lrs=(1e-2,), budget=budget, progress=False)
+                     lrs=(1e-2,), seeds=(0,), budget=budget, progress=False)
     rows = mqar.run_grid(cfg)
     for r in rows:
         assert r["steps"] == 6 and [s for s, _ in r["curve"]] == [2, 4, 6]
         assert r["curve"][-1][1] == pytest.approx(r["accuracy"], abs=1e-4)
         buckets = r["write_strength"]
         assert buckets[0]["lo"] == 0 and buckets[-1]["hi"] == 40 and sum(b["tokens"] for b in buckets) == 32 * 40
+        pairs = r["pair_strength"]  # the key-value pairs sit after the 8 filler tokens
+        assert (pairs["lo"], pairs["hi"], pairs["tokens"]) == (8, 16, 32 * 8)
     assert rows[0]["d0"][0]["layer"] == 0 and rows[1]["d0"] is None
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     (tmp_path / "results.jsonl").write_text(lines[0] + "\n" + lines[1][:30])
@@ -127,3 +130,51 @@ def test_grid_config_errors():
         GridConfig(mixers=("mamba",))
     with pytest.raises(ValueError, match="settings"):
         GridConfig(settings=("256-16",))
+
+
+def _row(mixer, seed, acc, curve=(), prefix=0, **extra):
+    budget = {**dataclasses.asdict(TINY), "prefix": prefix}
+    return {"mixer": mixer, "width": 32, "seq_len": 32, "num_pairs": 4, "lr": 0.01, "seed": seed,
+            "accuracy": acc, "curve": [list(c) for c in curve], "steps": 4, "budget": budget, **extra}
+
+
+def test_report_table_means_over_seeds_and_strength_at_the_pairs():
+    """The table: accuracy per seed, mean ± sample std, the write strength over the pairs (the
+    row's own, or the token-weighted buckets inside [0, 2N) for rows from before it existed)."""
+    from osdn_jax.train import mqar_report
+
+    strength = [{"lo": 0, "hi": 1, "tokens": 10, "mean": 0.0}, {"lo": 1, "hi": 8, "tokens": 70, "mean": 0.4},
+                {"lo": 8, "hi": 32, "tokens": 240, "mean": 0.9}]
+    rows = [_row("osdn", 0, 0.2, write_strength=strength, d0=[{"mean": 0.5}, {"mean": 0.1}], residual_ratio=0.5),
+            _row("osdn", 1, 0.6, write_strength=strength, d0=[{"mean": 0.1}, {"mean": 0.1}], residual_ratio=0.3),
+            _row("attention", 0, 1.0), _row("attention", 1, 0.98)]
+    assert mqar_report.pair_strength(rows[0]) == pytest.approx(0.4 * 70 / 80)
+    assert mqar_report.pair_strength({**rows[0], "pair_strength": {"mean": 0.7}}) == 0.7
+    assert mqar_report.pair_strength(_row("osdn", 0, 0.1, prefix=8, write_strength=strength)) is None
+    assert mqar_report.mean_std([0.2, 0.6]) == pytest.approx((0.4, 0.2 * 2 ** 0.5))
+    lines = mqar_report.table(rows).splitlines()
+    assert lines[0].startswith("| mixer | width | L=32 N=4 seed 0 | L=32 N=4 seed 1 | L=32 N=4 mean ± std |")
+    assert lines[2] == "| osdn | 32 | 0.200 | 0.600 | 0.400 ± 0.283 | 0.350 | 0.200 | 0.400 | 0.01 |"
+    assert lines[3] == "| attention | 32 | 1.000 | 0.980 | 0.990 ± 0.014 | — | — | — | 0.01 |"
+
+
+def test_report_compares_grids_side_by_side(tmp_path):
+    """``mqar_report DIR DIR --labels ...``: a table per grid and the curve and strength plots; a
+    directory holding runs of two budgets is refused."""
+    from osdn_jax.train import mqar_report
+
+    strength = [{"lo": 0, "hi": 8, "tokens": 80, "mean": 0.3}, {"lo": 8, "hi": 40, "tokens": 320, "mean": 0.6}]
+    for name, prefix in (("cold", 0), ("warm", 8)):
+        (tmp_path / name).mkdir()
+        rows = [_row(m, s, 0.1 * s, curve=[(2, 0.05), (4, 0.1 * s)], prefix=prefix, write_strength=strength)
+                for m in ("osdn", "deltanet") for s in (0, 1, 2)]
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert mqar_report.main([str(tmp_path / "cold"), str(tmp_path / "warm"), "--labels", "cold", "warm",
+                             "--out-dir", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "mqar_compare.md").read_text()
+    assert "**cold**" in text and "**warm**" in text and "0.100 ± 0.100" in text
+    for png in ("mqar_compare.png", "mqar_compare_strength.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+    with (tmp_path / "cold" / "results.jsonl").open("a") as f:
+        f.write(json.dumps(_row("osdn", 3, 0.5, prefix=64)) + "\n")
+    assert mqar_report.main([str(tmp_path / "cold"), "--out-dir", str(tmp_path / "out")]) == 2

@@ -1,5 +1,6 @@
 """The install scheme and the public surface."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -30,6 +31,8 @@ def test_presets_match_spec():
     apr, may = osdn_jax.get_preset("apr"), osdn_jax.get_preset("may")
     assert (apr.eta, apr.d0_init, apr.d_min, apr.d_max) == (1.0, 0.0, 0.0, 1e9)
     assert (may.eta, may.d0_init, may.d_min, may.d_max) == (0.003, 1.0, 2.0 / 3.0, 1.5)
+    d1 = osdn_jax.get_preset("apr-d1")  # ours, not the paper's: apr with d0 = 1
+    assert dataclasses.replace(d1, name="apr", d0_init=0.0) == apr and d1.d0_init == 1.0
 
 
 def test_ops_run_under_user_jit_and_vmap():

@@ -31,7 +31,7 @@ class ModelSettings:
 
     preset: str = "tiny"  # tiny | small | {deltanet,gdn,osdn,osdn-apf,os-gdn,attention}-{340m,1.3b}
     mixer: str | None = None  # deltanet | gdn | osdn | os_gdn | attention (its default config)
-    osdn_preset: str | None = None  # OSDN mixers: apr | may
+    osdn_preset: str | None = None  # OSDN mixers: apr | may | apr-d1 (short documents, retrieval)
     apf: bool | None = None  # OSDN mixers: the forgetting gate
     beta_aware: bool | None = None  # OSDN mixers: the β-aware hypergradient
     impl: str | None = None  # delta-rule mixers' ops path: auto | reference | chunked | pallas

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -104,7 +103,7 @@ MIXERS: dict[str, tuple[str, dict]] = {
     # grid name: (mixer registry name, config options)
     "osdn": ("osdn", {}),
     "osdn-apf": ("osdn", {"apf": True}),
-    "osdn-d1": ("osdn", {"d0_init": 1.0}),  # the paper's apr preset but d0 = 1: full writes from token 0
+    "osdn-d1": ("osdn", {"preset": "apr-d1"}),  # the paper's apr preset but d0 = 1: full writes from token 0
     "osdn-may": ("osdn", {"preset": "may"}),
     "deltanet": ("deltanet", {}),
     "gdn": ("gdn", {}),
@@ -117,7 +116,7 @@ class Budget:
     """What one run trains on; runs in ``results.jsonl`` only count when their budget matches."""
 
     vocab_size: int = 256  # the Zoology recipe uses 8192; a CPU budget learns nothing there (docs/mqar.md)
-    train_tokens: int = 1_228_800  # per run: examples = train_tokens / L, so every (L, N) sees as many tokens
+    train_tokens: int = 4_915_200  # per run: examples = train_tokens / L (1200 steps at L = 256), prefix not counted
     test_examples: int = 512  # held-out examples scored per run
     epochs: int = 1  # passes over the training examples
     batch_size: int = 16  # examples per step
@@ -127,7 +126,7 @@ class Budget:
     weight_decay: float = 0.1  # AdamW's decoupled weight decay
     data_seed: int = 0  # the test set uses data_seed + 1
     prefix: int = 0  # warm variant: random filler tokens before every row's pairs (make_mqar's prefix)
-    curve_every: int = 0  # held-out accuracy every this many steps, into the row's "curve" (0: none)
+    curve_every: int = 300  # held-out accuracy every this many steps, into the row's "curve" (0: none)
 
     def train_examples(self, seq_len: int) -> int:
         return max(self.batch_size, self.train_tokens // seq_len)
@@ -257,15 +256,18 @@ class Cell:
         return sum(accs) / n, sum(losses) / n
 
     def strength(self, params, examples: int = 128) -> dict:
-        """``{"write_strength": buckets, "d0": per layer}``: the mean write strength by position
-        (powers of two; the prefix included) on test rows, and the learned d0 (OSDN)."""
+        """``{"write_strength": buckets, "pair_strength": bucket, "d0": per layer}``: the mean write
+        strength by position (powers of two; the prefix included) and over the key-value pairs
+        (positions ``[P, P + 2N)``) on test rows, and the learned d0 (OSDN)."""
         from osdn_jax.train.perplexity import position_buckets
 
         model = nnx.merge(self.graphdef, params)
         rows = self.data.test[0][:examples]
+        first = self.budget.prefix
+        pairs = (first, first + 2 * int(self.data.test_q.shape[1]))
         result = write_strength_by_position(model, [{"inputs": rows[i:i + 64]} for i in range(0, len(rows), 64)],
-                                            position_buckets(rows.shape[1]))
-        return {"write_strength": result["buckets"], "d0": result["d0"]}
+                                            position_buckets(rows.shape[1]) + [pairs])
+        return {"write_strength": result["buckets"][:-1], "pair_strength": result["buckets"][-1], "d0": result["d0"]}
 
     def ratio(self, params, examples: int = 128) -> float:
         """The recall residual ratio (geometric mean over every token, head and layer) on test rows."""
@@ -281,11 +283,11 @@ class GridConfig:
     """The MQAR grid: every mixer × width × (L, N) × learning rate × seed, resumable."""
 
     out_dir: str = "runs/mqar"  # results.jsonl, results.md and mqar.png go here
-    mixers: tuple[str, ...] = ("osdn", "osdn-apf", "deltanet", "gdn", "attention")  # the default lists every one
-    widths: tuple[int, ...] = (64, 128)  # model widths (hidden sizes)
-    settings: tuple[str, ...] = ("256:16", "512:64")  # L:N pairs: sequence length, key-value pairs
-    lrs: tuple[float, ...] = (3e-3, 1e-2)  # learning rates tried per cell (the best one is kept)
-    seeds: tuple[int, ...] = (0,)  # seeds of the parameter init and the example order
+    mixers: tuple[str, ...] = tuple(MIXERS)  # the default lists every one
+    widths: tuple[int, ...] = (64,)  # model widths (hidden sizes)
+    settings: tuple[str, ...] = ("256:16",)  # L:N pairs: sequence length, key-value pairs
+    lrs: tuple[float, ...] = (3e-3,)  # learning rates tried per cell (the best one is kept)
+    seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the parameter init and the example order
     budget: Budget = Budget()
     progress: bool = True  # progress bar over the runs
 
@@ -305,10 +307,15 @@ def run_key(row: dict) -> tuple:
     return (row["mixer"], row["width"], row["seq_len"], row["num_pairs"], float(row["lr"]), row["seed"])
 
 
+# Budget fields added after rows were first written, at the value those rows ran with.
+_LEGACY_BUDGET = {"prefix": 0, "curve_every": 0}
+
+
 def same_budget(saved: dict | None, budget: Budget) -> bool:
-    """Whether a row's recorded budget is ``budget``; fields added since the row was written count
-    at their defaults (rows from before ``prefix`` existed were cold runs)."""
-    return isinstance(saved, dict) and {**dataclasses.asdict(Budget()), **saved} == dataclasses.asdict(budget)
+    """Whether a row's recorded budget is ``budget``; a field added since the row was written counts
+    at the value the row ran with (rows from before ``prefix`` existed were cold runs, and had no
+    learning curve)."""
+    return isinstance(saved, dict) and {**_LEGACY_BUDGET, **saved} == dataclasses.asdict(budget)
 
 
 def read_results(path: Path, budget: Budget | None = None) -> list[dict]:
@@ -334,79 +341,6 @@ def best_per_cell(rows: list[dict]) -> dict[tuple, dict]:
         if key not in best or r["accuracy"] > best[key]["accuracy"]:
             best[key] = r
     return best
-
-
-def table(rows: list[dict]) -> str:
-    """A markdown table: test accuracy (best lr) per mixer and width for each (L, N), one column per
-    seed, plus the recall residual ratio of that run."""
-    best = best_per_cell(rows)
-    seeds = sorted({k[4] for k in best})
-    pairs = sorted({(k[2], k[3]) for k in best})
-    head = "| mixer | width | " + " | ".join(f"L={L} N={N} acc (seed {s})" for L, N in pairs for s in seeds)
-    head += " | " + " | ".join(f"L={L} N={N} ratio" for L, N in pairs) + " | best lr |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    mixers = list(dict.fromkeys(k[0] for k in sorted(best, key=lambda k: list(MIXERS).index(k[0]))))
-    for m in mixers:
-        for w in sorted({k[1] for k in best if k[0] == m}):
-            accs, ratios, lrs = [], [], []
-            for L, N in pairs:
-                for s in seeds:
-                    r = best.get((m, w, L, N, s))
-                    accs.append("—" if r is None else f"{r['accuracy']:.3f}")
-                    if r is not None:
-                        lrs.append(f"{r['lr']:g}")
-                r0 = best.get((m, w, L, N, seeds[0]))
-                ratios.append("—" if r0 is None or "residual_ratio" not in r0 else f"{r0['residual_ratio']:.3f}")
-            lines.append(f"| {m} | {w} | " + " | ".join(accs) + " | " + " | ".join(ratios) + " | "
-                         + ", ".join(dict.fromkeys(lrs)) + " |")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path) -> Path | None:
-    """Held-out accuracy against width, one line per mixer (mean over seeds, seeds as dots), one
-    panel per (L, N)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    best = best_per_cell(rows)
-    pairs = sorted({(k[2], k[3]) for k in best})
-    if not pairs:
-        return None
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 3.6), squeeze=False, sharey=True)
-    for ax, (L, N) in zip(axes[0], pairs):
-        for m in MIXERS:
-            widths = sorted({k[1] for k in best if k[0] == m and (k[2], k[3]) == (L, N)})
-            if not widths:
-                continue
-            accs = [[best[k]["accuracy"] for k in best if k[:4] == (m, w, L, N)] for w in widths]
-            line, = ax.plot(widths, [np.mean(a) for a in accs], "o-", label=m)
-            for w, a in zip(widths, accs):
-                ax.scatter([w] * len(a), a, s=10, color=line.get_color(), alpha=0.6)
-        ax.set_title(f"MQAR L={L}, N={N}")
-        ax.set_xlabel("model width")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({k[1] for k in best}), [str(w) for w in sorted({k[1] for k in best})])
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out accuracy (best lr)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def write_reports(out: Path, rows: list[dict]) -> str:
-    text = table(rows)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(text + "\n")
-    os.replace(tmp, out / "results.md")
-    plot(rows, out / "mqar.png")
-    return text
 
 
 def run_grid(cfg: GridConfig) -> list[dict]:
@@ -445,8 +379,10 @@ def run_grid(cfg: GridConfig) -> list[dict]:
     wanted = {(m, w, L, N, float(lr), s) for L, N in cfg.pairs() for m in cfg.mixers for w in cfg.widths
               for lr in cfg.lrs for s in cfg.seeds}
     rows = [r for r in read_results(results, cfg.budget) if run_key(r) in wanted]
+    from osdn_jax.train.mqar_report import write_reports
+
     print(write_reports(out, rows))
-    print(f"mqar: wrote {out / 'results.md'} and {out / 'mqar.png'}")
+    print(f"mqar: wrote {out / 'results.md'}, {out / 'mqar.png'} (learning curves) and {out / 'strength.png'}")
     return rows
 
 
