@@ -21,7 +21,7 @@ import numpy as np
 from osdn_jax.train.mqar import MIXERS, best_per_cell, read_results
 
 # A cell of the grid: (width, L, N); a study's rows are grouped by it and by mixer.
-Cell = tuple[int, int, int]
+GridCell = tuple[int, int, int]
 
 
 def _mixers(rows: list[dict]) -> list[str]:
@@ -29,11 +29,11 @@ def _mixers(rows: list[dict]) -> list[str]:
     return [m for m in MIXERS if m in names]
 
 
-def _cells(rows: list[dict]) -> list[Cell]:
+def _cells(rows: list[dict]) -> list[GridCell]:
     return sorted({(r["width"], r["seq_len"], r["num_pairs"]) for r in rows})
 
 
-def _runs(rows: list[dict], mixer: str, cell: Cell) -> list[dict]:
+def _runs(rows: list[dict], mixer: str, cell: GridCell) -> list[dict]:
     """The best-lr run of each seed of ``mixer`` in ``cell``, by seed."""
     best = best_per_cell(rows)
     return [best[k] for k in sorted(best) if k[0] == mixer and (k[1], k[2], k[3]) == cell]
@@ -111,12 +111,18 @@ def _panels(studies: dict[str, list[dict]], height: float = 3.6):
     return fig, axes, panels
 
 
+def _color(mixer: str) -> str:
+    """The same color for a mixer in every panel and plot."""
+    return f"C{list(MIXERS).index(mixer) % 10}"
+
+
 def _save(fig, axes, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
@@ -141,7 +147,7 @@ def plot_curves(studies: dict[str, list[dict]], path: Path) -> Path | None:
             if not steps:
                 continue
             acc = np.array([[dict(c)[s] for s in steps] for c in curves])  # [seeds, steps]
-            line, = ax.plot(steps, acc.mean(0), "o-", ms=3, label=f"{m} ({len(runs)} seeds)")
+            line, = ax.plot(steps, acc.mean(0), "o-", ms=3, color=_color(m), label=f"{m} ({len(runs)} seeds)")
             if len(runs) > 1:
                 ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
         ax.set_xlabel("training step")
@@ -166,7 +172,7 @@ def plot_strength(studies: dict[str, list[dict]], path: Path) -> Path | None:
             buckets = [b for b in runs[0]["write_strength"] if b["tokens"]]
             mid = [((b["lo"] + 1) * b["hi"]) ** 0.5 for b in buckets]  # position p sits on [p, p + 1)
             w = np.array([[b["mean"] for b in r["write_strength"] if b["tokens"]] for r in runs])
-            line, = ax.plot(mid, w.mean(0), "o-", ms=3, label=m)
+            line, = ax.plot(mid, w.mean(0), "o-", ms=3, color=_color(m), label=m)
             if len(runs) > 1:
                 ax.fill_between(mid, w.min(0), w.max(0), color=line.get_color(), alpha=0.15)
         prefix = rows[0]["budget"].get("prefix", 0)
