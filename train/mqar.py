@@ -9,8 +9,10 @@ scored.
     python -m osdn_jax.train.mqar --help                      # every setting
 
 The grid trains 2-layer models (the mixers' short convolution in front, no MLP) for each mixer,
-width and (L, N) over a few learning rates and keeps the best per cell; it writes
-``results.jsonl`` (one line per run), ``results.md`` (the table) and ``mqar.png``.
+width, (L, N), learning rate and seed and keeps the best learning rate per cell; it writes
+``results.jsonl`` (one line per run), ``results.md`` (the table, mean ± std over seeds),
+``mqar.png`` (learning curves) and ``strength.png`` (write strength by position), through
+``osdn_jax.train.mqar_report``.
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ class Cell:
 class GridConfig:
     """The MQAR grid: every mixer × width × (L, N) × learning rate × seed, resumable."""
 
-    out_dir: str = "runs/mqar"  # results.jsonl, results.md and mqar.png go here
+    out_dir: str = "runs/mqar"  # results.jsonl, results.md, mqar.png and strength.png go here
     mixers: tuple[str, ...] = tuple(MIXERS)  # the default lists every one
     widths: tuple[int, ...] = (64,)  # model widths (hidden sizes)
     settings: tuple[str, ...] = ("256:16",)  # L:N pairs: sequence length, key-value pairs
