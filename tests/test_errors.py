@@ -83,7 +83,7 @@ def test_pallas_refuses_what_its_kernels_do_not_cover(over, pattern):
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match=r"unknown OSDN preset 'june'; expected one of \['apr', 'may'\]"):
+    with pytest.raises(ValueError, match=r"unknown OSDN preset 'june'; expected one of \['apr', 'apr-d1', 'may'\]"):
         get_preset("june")
 
 
