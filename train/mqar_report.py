@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from osdn_jax.train.mqar import MIXERS, best_per_cell, read_results
+from osdn_jax.train.report import bucket_midpoints
 
 # A cell of the grid: (width, L, N); a study's rows are grouped by it and by mixer.
 GridCell = tuple[int, int, int]
@@ -170,7 +171,7 @@ def plot_strength(studies: dict[str, list[dict]], path: Path) -> Path | None:
             if not runs:
                 continue
             buckets = [b for b in runs[0]["write_strength"] if b["tokens"]]
-            mid = [((b["lo"] + 1) * b["hi"]) ** 0.5 for b in buckets]  # position p sits on [p, p + 1)
+            mid = bucket_midpoints(buckets)
             w = np.array([[b["mean"] for b in r["write_strength"] if b["tokens"]] for r in runs])
             line, = ax.plot(mid, w.mean(0), "o-", ms=3, color=_color(m), label=m)
             if len(runs) > 1:

@@ -68,6 +68,12 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+def bucket_midpoints(buckets: list[dict]) -> list[float]:
+    """Where to draw position buckets ``{"lo", "hi"}`` on a log axis of position + 1: the geometric
+    middle of ``[lo + 1, hi]`` (position p sits on [p, p + 1))."""
+    return [((b["lo"] + 1) * b["hi"]) ** 0.5 for b in buckets]
+
+
 def plot_write_strength(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
     """Mean write strength against the position in the document (log₂ axis), one line per entry of
     ``curves`` (name -> ``write_strength_by_position`` buckets), into ``path`` (PNG)."""
@@ -79,8 +85,7 @@ def plot_write_strength(curves: dict[str, list[dict]], path: Path, title: str) -
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, buckets in curves.items():
         rows = [b for b in buckets if b["tokens"]]
-        mid = [((b["lo"] + 1) * b["hi"]) ** 0.5 for b in rows]  # position p sits on [p, p + 1)
-        ax.plot(mid, [b["mean"] for b in rows], "o-", ms=4, label=name)
+        ax.plot(bucket_midpoints(rows), [b["mean"] for b in rows], "o-", ms=4, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in the document + 1")
     ax.set_ylabel("mean write strength β⟨d, k²⟩")
