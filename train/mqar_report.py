@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from osdn_jax.train.mqar import MIXERS, best_per_cell, read_results
-from osdn_jax.train.report import bucket_midpoints
+from osdn_jax.train.report import bucket_midpoints, save_figure
 
 # A cell of the grid: (width, L, N); a study's rows are grouped by it and by mixer.
 GridCell = tuple[int, int, int]
@@ -118,19 +118,10 @@ def _color(mixer: str) -> str:
 
 
 def _save(fig, axes, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     for ax in axes.flat:
-        ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, axes, path)
 
 
 def plot_curves(studies: dict[str, list[dict]], path: Path) -> Path | None:

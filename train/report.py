@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,13 +96,18 @@ def plot_write_strength(curves: dict[str, list[dict]], path: Path, title: str) -
     return save_figure(fig, ax, path)
 
 
-def save_figure(fig, ax, path: Path) -> Path:
-    """A grid on ``ax``, then ``fig`` written to ``path`` (PNG, folders made) and closed."""
+def save_figure(fig, axes, path: Path) -> Path:
+    """A grid on ``axes`` (one axis or an array of them), then ``fig`` written to ``path`` (PNG,
+    folders made; through a temporary file, so a reader never sees half a plot) and closed."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    ax.grid(alpha=0.3)
+    for ax in np.ravel(axes):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
