@@ -19,8 +19,9 @@ memory), ``MOSAIC_GPU_DUMP_PTX=1`` the PTX (searched for ``wgmma.mma_async`` and
 
 The toolchain (``jax-cuda13-pjrt``, ``jax-cuda13-plugin`` for the Mosaic runtime library,
 ``nvidia-cuda-nvcc`` for ptxas, ``nvidia-nvvm`` for libdevice; about 730 MB) is installed with
-``pip install --target`` into ``$OSDN_MOSAIC_TOOLCHAIN`` (default ``~/.cache/osdn-jax/mosaic-toolchain``)
-on first use, never into the environment running JAX (the CUDA plugin would be picked up there).
+``pip install --target`` into ``$OSDN_CUDA_TOOLCHAIN`` (default ``~/.cache/osdn-jax/cuda-toolchain``,
+shared with ``benchmarks/aot.py``; ``benchmarks/toolchains.py``) on first use, never into the
+environment running JAX (the CUDA plugin would be picked up there).
 
 Checks (exit status 1 if any fails): the module compiles; registers ≤ 255; no spill stores or
 loads; shared memory ≤ 227 KiB; the PTX has wgmma and TMA instructions.
@@ -38,12 +39,13 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import toolchains  # noqa: E402
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 SMEM_LIMIT = 227 * 1024
 MAX_REGS = 255
-TOOLCHAIN = ("jax-cuda13-pjrt==0.11.2", "jax-cuda13-plugin==0.11.2", "nvidia-cuda-nvcc==13.5.37",
-             "nvidia-nvvm==13.5.37")
 
 # A stand-in libcuda.so.1: the compute capability (FAKECUDA_CC, default 90), a context, module
 # loading that keeps the cubin, and a log of the function attributes the Mosaic runtime sets.
@@ -99,14 +101,8 @@ print("\nCOMPILED", int(ok), flush=True)
 
 
 def toolchain_dir() -> pathlib.Path:
-    """The toolchain folder, installed on first use."""
-    root = pathlib.Path(os.environ.get("OSDN_MOSAIC_TOOLCHAIN", pathlib.Path.home() / ".cache/osdn-jax/mosaic-toolchain"))
-    marker = root / ("installed-" + hashlib.sha256(" ".join(TOOLCHAIN).encode()).hexdigest()[:12])
-    if not marker.exists():
-        print(f"installing the Mosaic GPU toolchain into {root} ({', '.join(TOOLCHAIN)}) ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target",
-                        str(root / "site"), *TOOLCHAIN], check=True)
-        marker.touch()
+    """The CUDA toolchain folder (installed on first use) with the stand-in driver built in it."""
+    root = toolchains.cuda()
     driver = root / ("driver-" + hashlib.sha256(FAKE_DRIVER.encode()).hexdigest()[:12])
     if not (driver / "libcuda.so.1").exists():
         driver.mkdir(parents=True, exist_ok=True)

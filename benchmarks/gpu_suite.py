@@ -1,4 +1,4 @@
-"""GPU suite, part 2: forward and forward+backward time, achieved TFLOP/s, share of the roofline
+"""GPU suite, part 2: forward and forward+backward time beside the predicted time, achieved TFLOP/s
 and peak memory of the Pallas kernels of both families (Triton; Mosaic GPU, bf16 only) against
 the chunked XLA path and, where importable, flash-linear-attention (Triton, PyTorch) and
 jax-linear-attention (Mosaic GPU), for bf16 inputs and fp32 inputs (TF32 policy, Triton only).
@@ -15,9 +15,12 @@ target is OSDN within 1.1× of jax-linear-attention's DeltaNet and 1.5× faster 
 
 Times are medians (ms) of ``--repeats`` calls after warm-up, with ``block_until_ready`` (JAX) or
 ``torch.cuda.synchronize`` (PyTorch), measured in one process. TFLOP/s counts the chunkwise
-algorithm's matmul work (forward; forward+backward counted as 3x forward). "roofline" is the time
-``benchmarks/roofline.py`` gives at H200 peak divided by the measured forward+backward time.
-Ratios are "their time / our time": ≥ 1 means our kernels are at least as fast.
+algorithm's matmul work (forward; forward+backward counted as 3x forward). Beside each measured
+time of our programs stands the prediction of ``osdn_jax.perf`` for the very program that ran
+(its optimized HLO read on this GPU's peaks from ``osdn_jax.hardware``; the roofline is a lower
+bound, ``benchmarks/aot.py`` prints the same without a GPU): "pred" columns, and "meas/pred" = the
+measured over the predicted time, the number that calibrates the model. Ratios are "their time /
+our time": ≥ 1 means our kernels are at least as fast.
 
 Then context parallelism (``osdn_jax.ops.context``): a training step (forward+backward) of
 ``ops.osdn`` and of a small ``CausalLM`` with the time axis split over every local device (mesh
@@ -32,8 +35,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import pathlib
-import sys
 
 # On a CPU (--smoke) the Mosaic rows run in Mosaic GPU's interpreter, which needs a CPU thread pool
 # of 4 or more (osdn_jax.kernels.mosaic.delta_rule); XLA sizes it by NPROC, read when JAX starts.
@@ -47,10 +48,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from osdn_jax import get_preset, ops  # noqa: E402
 from osdn_jax.compare import interleaved_seconds, make_op_inputs, median_seconds, peak_mib  # noqa: E402
+from osdn_jax.hardware import chip, chip_for_kind  # noqa: E402
 from osdn_jax.kernels.preconditioner import preconditioner_pallas  # noqa: E402
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from roofline import HBM_BYTES_PER_S, PEAK_FLOPS, kernel_costs  # noqa: E402
+from osdn_jax.perf import analyze  # noqa: E402
 
 CONFIGS = [(8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (8, 4096, 8, 64)]
 SMOKE = [(1, 96, 2, 32)]
@@ -69,12 +69,12 @@ def chunk_flops(B, T, H, K, V, C=64) -> float:
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
 
-def roofline_ms(op, B, T, H, K, V, C, dtype) -> float:
-    """Forward+backward time at H200 peak (``benchmarks/roofline.py``)."""
-    e = 2 if dtype == "bf16" else 4
-    units = B * H * T / C
-    costs = kernel_costs(K, V, C, e, op == "osdn").values()
-    return 1e3 * sum(max(f * units / PEAK_FLOPS[dtype], b * units / HBM_BYTES_PER_S) for f, b in costs)
+def predicted_ms(compiled, target) -> str:
+    """The roofline time (ms) of a compiled program on ``target`` (an ``osdn_jax.hardware.Chip``; "-"
+    where the device is not in the table)."""
+    if target is None:
+        return "-"
+    return f"{analyze(compiled.as_text(), target).seconds * 1e3:.3f}"
 
 
 def timed_ms(fn, repeats) -> float:
@@ -106,7 +106,7 @@ def jax_case(op, impl, a, chunk, family=None):
     fwd = jax.jit(forward).lower(a).compile()  # compiled here: under the caller's kernel target
     fb = jax.jit(jax.grad(lambda a: jnp.sum(forward(a).astype(jnp.float32) ** 2)))
     compiled = fb.lower(a).compile()
-    return (lambda: jax.block_until_ready(fwd(a))), (lambda: jax.block_until_ready(compiled(a))), compiled
+    return (lambda: jax.block_until_ready(fwd(a))), (lambda: jax.block_until_ready(compiled(a))), (fwd, compiled)
 
 
 def fla_case(op, a):
@@ -251,27 +251,32 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=["deltanet", "gdn", "osdn"])
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     ap.add_argument("--families", nargs="+", choices=["triton", "mosaic"], default=["triton", "mosaic"])
+    ap.add_argument("--chip", help="predict on this chip's peaks (osdn_jax.hardware; default: the GPU's own)")
     args = ap.parse_args()
     if args.smoke:  # before any device is touched: the context rows then run on the CPU too
         jax.config.update("jax_num_cpu_devices", SMOKE_CPU_DEVICES)
     configs = SMOKE if args.smoke else CONFIGS
     repeats = 3 if args.smoke else args.repeats
     chunk = 32 if args.smoke else 64
+    target = chip(args.chip) if args.chip else chip_for_kind(jax.devices()[0].device_kind)
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), chunk {chunk}; "
-          "fp32 rows use the TF32 policy")
-    print("| op | family | dtype | B, T, H, K | pallas fwd ms | pallas f+b ms | f+b TFLOP/s | roofline "
-          "| chunked f+b x | triton f+b x | fla f+b x | jla f+b x | pallas MiB | fla MiB | phase 1 share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"fp32 rows use the TF32 policy; predictions on {target.title if target else 'no known chip'}")
+    print("| op | family | dtype | B, T, H, K | pallas fwd ms | pred fwd ms | pallas f+b ms | pred f+b ms | meas/pred "
+          "| f+b TFLOP/s | chunked f+b ms | chunked pred ms | chunked f+b x | triton f+b x | fla f+b x | jla f+b x "
+          "| pallas MiB | fla MiB | phase 1 share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = ((o, f, d, c) for o in args.ops for f in args.families for d in args.dtypes for c in configs)
     for op, family, dtype, (B, T, H, K) in rows:
         if family == "mosaic" and dtype != "bf16":
             continue  # the Mosaic family takes bf16 / fp16 inputs only
         C = 64 if family == "mosaic" else chunk
         a = make_op_inputs(op, B, T, H, K, K, dtype=DTYPES[dtype])
-        fwd, fb, compiled = jax_case(op, "pallas", a, C, family)
+        fwd, fb, (fwd_compiled, compiled) = jax_case(op, "pallas", a, C, family)
         t_fwd, t_fb = timed_ms(fwd, repeats), timed_ms(fb, repeats)
+        pred_fwd, pred_fb = predicted_ms(fwd_compiled, target), predicted_ms(compiled, target)
         tflops = 3 * chunk_flops(B, T, H, K, K, C) / (t_fb * 1e-3) / 1e12
-        _, chunked_fb, _ = jax_case(op, "chunked", a, C)
+        _, chunked_fb, (_, chunked_compiled) = jax_case(op, "chunked", a, C)
+        t_chunked, pred_chunked = timed_ms(chunked_fb, repeats), predicted_ms(chunked_compiled, target)
         ratios = {"chunked": ratio(chunked_fb, fb, repeats), "triton": None}
         if family == "mosaic":
             ratios["triton"] = ratio(jax_case(op, "pallas", a, C, "triton")[1], fb, repeats)
@@ -292,10 +297,12 @@ def main() -> None:
             share = f"{timed_ms(lambda: jax.block_until_ready(ph1(a['k'], a['d0'])), repeats) / t_fb:.1%}"
         fmt = lambda r: "-" if r is None else (r if isinstance(r, str) else f"{r:.2f}")  # noqa: E731
         mib = f"{peak_mib(compiled):.0f}" if T == 8192 or args.smoke else "-"
-        roof = f"{roofline_ms(op, B, T, H, K, K, C, dtype) / t_fb:.0%}"
-        print(f"| {op} | {family} | {dtype} | {B}, {T}, {H}, {K} | {t_fwd:.2f} | {t_fb:.2f} | {tflops:.1f} | {roof} "
-              f"| {fmt(ratios['chunked'])} | {fmt(ratios['triton'])} | {fmt(ratios['fla'])} | {fmt(ratios['jla'])} "
-              f"| {mib} | {fla_mib} | {share} |", flush=True)
+        vs = "-" if pred_fb == "-" else f"{t_fb / float(pred_fb):.2f}"
+        print(f"| {op} | {family} | {dtype} | {B}, {T}, {H}, {K} | {t_fwd:.2f} | {pred_fwd} | {t_fb:.2f} | {pred_fb} "
+              f"| {vs} | {tflops:.1f} | {t_chunked:.2f} | {pred_chunked} | {fmt(ratios['chunked'])} "
+              f"| {fmt(ratios['triton'])} | {fmt(ratios['fla'])} | {fmt(ratios['jla'])} | {mib} | {fla_mib} "
+              f"| {share} |",
+              flush=True)
     context_rows(args.smoke, args.dtypes[0], repeats, chunk)
 
 

@@ -3,9 +3,10 @@
 #   1. the kernel tests, natively on the GPU (interpret mode is chosen only on CPU backends):
 #      Triton: bf16, fp16 and TF32 on tensor cores, IEEE fp32 at the fp32 tolerance; Mosaic GPU
 #      (Hopper only): bf16 / fp16, the sequence split;
-#   2. the timing / TFLOP/s / roofline / memory table of benchmarks/gpu_suite.py, bf16 and fp32 rows;
+#   2. the timing / predicted time / TFLOP/s / memory table of benchmarks/gpu_suite.py, bf16 and fp32 rows;
 #      then its context-parallel training step over every local GPU against one (skipped on one GPU);
-#   3. training-step tokens/s and MFU of osdn-340m and deltanet-340m at T=4096 (bf16), capped at 4 min.
+#   3. training-step tokens/s, MFU and predicted step time of osdn-340m and deltanet-340m at T=4096 (bf16),
+#      capped at 4 min. The predictions (osdn_jax.perf) stand beside the measurements to calibrate them.
 # Peer wheels (fla-core, jax-linear-attention) may be carried in .whl/ (see docs/kernels.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."

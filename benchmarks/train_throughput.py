@@ -10,7 +10,9 @@ matmul parameters plus the chunked delta rule, ≈ 3 × (6·K·V + 4·C·K + 4·
 causal attention where the model has it). MFU divides by the device's peak: on a CPU the measured
 throughput of a large fp32 matmul on this machine, on a GPU the nominal dense peak of the compute
 dtype from `osdn_jax.flops.PEAK_TFLOPS` (H200: 989 TFLOP/s bf16, 494 TFLOP/s tf32/fp32 tensor
-cores; the H200's when the GPU is not in the table).
+cores; the H200's when the GPU is not in the table). On a GPU in `osdn_jax.hardware`'s table,
+"pred ms" is `osdn_jax.perf`'s roofline time of the very step that ran (a lower bound;
+docs/performance.md), so that a GPU run calibrates the predictions of `benchmarks/aot.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from flax import nnx
 from osdn_jax import CausalLM, count_params, model_config
 from osdn_jax.compare import median_seconds
 from osdn_jax.flops import device_peak_flops, flops_per_token
+from osdn_jax.hardware import chip_for_kind
+from osdn_jax.perf import analyze
 from osdn_jax.train.step import make_train_step  # (no grain / tyro needed: runs on bare GPU images)
 
 
@@ -46,7 +50,9 @@ def cpu_peak_flops() -> float:
     return 5 * 2 * 2048**3 / (time.perf_counter() - t)
 
 
-def step_seconds(cfg, B: int, T: int, repeats: int) -> float:
+def step_seconds(cfg, B: int, T: int, repeats: int, target=None) -> tuple[float, float | None]:
+    """(median seconds of a training step, the roofline prediction for that compiled step on
+    ``target``, an ``osdn_jax.hardware.Chip``; None without one)."""
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
@@ -57,13 +63,15 @@ def step_seconds(cfg, B: int, T: int, repeats: int) -> float:
              "loss_mask": np.ones((B, T), np.float32)}
     batch = jax.tree.map(jnp.asarray, batch)
     step = jax.jit(make_train_step(graphdef, tx, 1), donate_argnums=(0, 1))
+    predicted = None if target is None else analyze(step.lower(params, opt_state, batch).compile().as_text(),
+                                                    target).seconds
     state = [params, opt_state]  # donated each step: carry the new buffers forward
 
     def one_step():
         state[0], state[1], m = step(*state, batch)
         jax.block_until_ready(m)
 
-    return median_seconds(one_step, repeats)
+    return median_seconds(one_step, repeats), predicted
 
 
 def main(argv=None) -> None:
@@ -85,7 +93,9 @@ def main(argv=None) -> None:
     peak = None if on_gpu else cpu_peak_flops()
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); batch {args.batch}x{args.seq_len}; "
           + ("peak = nominal dense peak" if on_gpu else f"peak = measured fp32 matmul {peak / 1e9:.1f} GFLOP/s"))
-    head = f"| {'model':14s} | {'mixer':8s} | {'params':>8s} | {'step ms':>9s} | {'tokens/s':>10s} | {'TFLOP/s':>8s} | {'MFU':>6s} |"
+    target = chip_for_kind(jax.devices()[0].device_kind)
+    head = (f"| {'model':14s} | {'mixer':8s} | {'params':>8s} | {'step ms':>9s} | {'pred ms':>9s} | {'tokens/s':>10s} "
+            f"| {'TFLOP/s':>8s} | {'MFU':>6s} |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     rows = {}
@@ -96,13 +106,14 @@ def main(argv=None) -> None:
                 overrides["compute_dtype"] = args.compute_dtype
             cfg = model_config(preset, mixer=mixer, **overrides)
             cfg = dataclasses.replace(cfg, mixer=dataclasses.replace(cfg.mixer, impl=args.impl))
-            s = step_seconds(cfg, args.batch, args.seq_len, args.repeats)
+            s, predicted = step_seconds(cfg, args.batch, args.seq_len, args.repeats, target)
             tok_s = args.batch * args.seq_len / s
             flops = flops_per_token(cfg, args.seq_len) * tok_s
             device_peak = gpu_peak_flops(cfg.compute_dtype) if on_gpu else peak
             rows[(preset, cfg.mixer_name)] = tok_s
+            pred = "-" if predicted is None else f"{1e3 * predicted:.1f}"
             print(f"| {preset:14s} | {cfg.mixer_name:8s} | {count_params(cfg) / 1e6:7.1f}M | {1e3 * s:9.1f} | "
-                  f"{tok_s:10.0f} | {flops / 1e12:8.3f} | {100 * flops / device_peak:5.1f}% |", flush=True)
+                  f"{pred:>9s} | {tok_s:10.0f} | {flops / 1e12:8.3f} | {100 * flops / device_peak:5.1f}% |", flush=True)
     if len(rows) == 2:
         (a, ta), (b, tb) = rows.items()
         print(f"ratio tokens/s {a[0]} / {b[0]}: {ta / tb:.3f}")

@@ -46,6 +46,7 @@ class TritonCall:
     num_warps: int
     num_stages: int
     manual: bool  # inside a shard_map manual region
+    grid: tuple[int, int, int] = (1, 1, 1)  # programs along x, y, z
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,9 @@ def triton_calls(lowered) -> list[TritonCall]:
     for o, manual in _custom_calls(lowered, "triton"):
         config = o.attributes["mhlo.backend_config"]
         number = lambda key: int(str(config[key]).split(":")[0])  # noqa: E731  "4 : i32"
+        grid = tuple(number(f"grid_{axis}") for axis in "xyz")
         calls.append(TritonCall(str(config["name"]).strip('"'), config["ir"].value_bytes, number("num_warps"),
-                                number("num_stages"), manual))
+                                number("num_stages"), manual, grid))
     return calls
 
 

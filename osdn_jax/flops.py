@@ -28,27 +28,24 @@ so it can be checked:
   ``D = hidden_size / H_q``.
 
 ``device_peak_flops(device_kind, compute_dtype)`` is the nominal dense peak of one device from
-``PEAK_TFLOPS`` (NVIDIA's datasheets, without sparsity): bf16 / fp16 tensor cores for a bfloat16 /
-float16 compute dtype, TF32 tensor cores for float32 (XLA's default for fp32 matmuls on these GPUs).
-``None`` for a device it does not know (CPUs among them).
+``PEAK_TFLOPS``, read off the chip table ``osdn_jax.hardware.CHIPS`` (vendors' datasheets, without
+sparsity): bf16 / fp16 tensor cores (TPU: the MXU) for a bfloat16 / float16 compute dtype; for
+float32, XLA's default fp32 product precision (TF32 tensor cores on NVIDIA GPUs, one bf16 pass on
+TPUs). ``None`` for a device it does not know (CPUs among them).
 """
 
 from __future__ import annotations
 
+from osdn_jax import hardware
 from osdn_jax.attention import AttentionConfig
 from osdn_jax.model import ModelConfig, count_params
 
-# (substring of jax.Device.device_kind, {dtype: dense TFLOP/s}); the first match wins, so the more
-# specific names come first. Kinds as JAX reports them: "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100
-# PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe".
-PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
-    ("H100 NVL", {"bfloat16": 835.0, "float32": 418.0}),
-    ("H200 NVL", {"bfloat16": 835.0, "float32": 418.0}),
-    ("H100", {"bfloat16": 989.0, "float32": 494.0}),  # SXM
-    ("H200", {"bfloat16": 989.0, "float32": 494.0}),  # SXM
-    ("A100", {"bfloat16": 312.0, "float32": 156.0}),  # SXM and PCIe
-)
+# (chip, {compute dtype: dense TFLOP/s}) from the chip table (osdn_jax.hardware): bf16 / fp16 compute
+# runs on the bf16 tensor cores (MXU), fp32 compute at XLA's default fp32 product precision (TF32 on
+# NVIDIA GPUs, one bf16 pass on TPUs).
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = tuple(
+    (c.name, {"bfloat16": c.peak("bf16") / 1e12, "float32": c.peak("tf32" if c.platform == "gpu" else "bf16") / 1e12})
+    for c in hardware.CHIPS.values())
 # compute dtypes (and names of the peaks) -> the PEAK_TFLOPS column
 _DTYPE_COLUMN = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "bfloat16", "fp16": "bfloat16",
                  "float32": "float32", "fp32": "float32", "tf32": "float32"}
@@ -89,11 +86,10 @@ def device_peak_flops(device_kind: str, compute_dtype: str) -> float | None:
     computing in ``compute_dtype`` (``bfloat16``, ``float16``, ``float32``; also ``bf16``, ``tf32``),
     from ``PEAK_TFLOPS``; None when the device or the dtype is not in the table (e.g. ``cpu``)."""
     column = _DTYPE_COLUMN.get(compute_dtype.lower())
-    kind = device_kind.lower()
-    for name, peaks in PEAK_TFLOPS:
-        if name.lower() in kind and column in peaks:
-            return peaks[column] * 1e12
-    return None
+    found = hardware.chip_for_kind(device_kind)
+    if found is None or column is None:
+        return None
+    return dict(PEAK_TFLOPS)[found.name][column] * 1e12
 
 
 def mfu(flops_per_token_: float, tokens_per_s: float, peak_flops: float) -> float:

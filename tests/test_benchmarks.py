@@ -8,22 +8,18 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 
 def test_gpu_suite_smoke():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--ops", "gdn", "osdn"],
-                         capture_output=True, text=True, timeout=600)
+    """On the CPU the predictions are read with an H100's peaks (``--chip``), which runs the path a
+    GPU run takes: every row has a predicted time for the kernels and the chunked path."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--ops", "gdn", "osdn",
+                          "--chip", "h100"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| gdn") or line.startswith("| osdn")]
     assert len(rows) == 6, out.stdout  # per op: Triton bf16 and fp32, Mosaic bf16 (interpreted here)
     cells = [[c.strip() for c in row.split("|")] for row in rows]
     assert sorted((c[2], c[3]) for c in cells if c[1] == "gdn") == [
         ("mosaic", "bf16"), ("triton", "bf16"), ("triton", "fp32")], out.stdout
-    assert all(c[10] != "-" for c in cells if c[2] == "mosaic"), out.stdout  # the Triton ratio
-
-
-def test_roofline_table():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py")], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("| delta_rule_grads_k |") == 8 and "osdn_preconditioner_fwd" in out.stdout
+    assert all(c[14] != "-" for c in cells if c[2] == "mosaic"), out.stdout  # the Triton ratio
+    assert all(float(c[6]) > 0 and float(c[8]) > 0 and float(c[9]) > 0 and float(c[12]) > 0 for c in cells), out.stdout
 
 
 def test_model_cpu_smoke():

@@ -17,7 +17,8 @@ def test_subpackages_import_under_osdn_jax(tmp_path):
     code = (
         "import importlib, importlib.util\n"
         "for name in ('osdn_jax.ops', 'osdn_jax.kernels', 'osdn_jax.train', 'osdn_jax.train.loop',\n"
-        "             'osdn_jax.train.__main__', 'osdn_jax.model', 'osdn_jax.generate'):\n"
+        "             'osdn_jax.train.__main__', 'osdn_jax.model', 'osdn_jax.generate', 'osdn_jax.perf',\n"
+        "             'osdn_jax.hardware'):\n"
         "    importlib.import_module(name)\n"
         "print([n for n in ('kernels', 'train') if importlib.util.find_spec(n) is not None])\n"
     )

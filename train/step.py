@@ -79,19 +79,54 @@ def make_eval_step(graphdef, loss_chunk: int = DEFAULT_LOSS_CHUNK):
 
 
 def abstract_train_step(model_cfg, batch_size: int, seq_len: int, loss_chunk: int = DEFAULT_LOSS_CHUNK,
-                        optim=None) -> tuple:
+                        optim=None, mesh=None) -> tuple:
     """``(step, args)``: the trainer's jitted step (parameters and optimizer state donated) for
     ``CausalLM(model_cfg)`` on batches ``[batch_size, seq_len]``, and abstract arguments for it
     (``jax.ShapeDtypeStruct`` s: nothing is allocated). ``step.lower(*args).compile()`` gives XLA's
-    executable, e.g. its ``memory_analysis()``. ``optim``: an ``OptimConfig`` (default: the trainer's)."""
+    executable, e.g. its ``memory_analysis()``. ``optim``: an ``OptimConfig`` (default: the trainer's).
+
+    With ``mesh`` (the trainer's ``(data, fsdp, context)`` mesh, ``osdn_jax.train.sharding``) it
+    returns ``(step, args, shardings)``: the step not yet jitted, the arguments carrying the
+    trainer's shardings (parameters and their Adam moments by logical axis, rows over data × fsdp),
+    and those shardings ``(params, opt_state, batch)`` for ``jax.jit``'s ``in_shardings``."""
     from osdn_jax.model import CausalLM
     from osdn_jax.train.config import OptimConfig
     from osdn_jax.train.optim import make_optimizer
 
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    params = nnx.to_pure_dict(abstract)
     tx = make_optimizer(optim or OptimConfig(), 1000)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32)
              for k in ("inputs", "targets", "segment_ids", "loss_mask")}
-    step = jax.jit(make_train_step(graphdef, tx, 1, loss_chunk), donate_argnums=(0, 1))
-    return step, (params, jax.eval_shape(tx.init, params), batch)
+    fn = make_train_step(graphdef, tx, 1, loss_chunk)
+    opt_state = jax.eval_shape(tx.init, params)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=(0, 1)), (params, opt_state, batch)
+    from osdn_jax.train.sharding import batch_sharding, param_shardings
+
+    param_sh = param_shardings(abstract, mesh)
+    opt_sh = _follow_params(opt_state, param_sh, mesh)
+    batch_sh = {k: batch_sharding(mesh) for k in batch}
+    place = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    return fn, (place(params, param_sh), place(opt_state, opt_sh), place(batch, batch_sh)), (param_sh, opt_sh, batch_sh)
+
+
+def _follow_params(opt_state, param_sh, mesh):
+    """Shardings of the optimizer state: a leaf at the path of a parameter (Adam's moments) takes
+    that parameter's sharding, as ``jax.jit(tx.init)(params)`` gives it in the trainer; the rest
+    (step counts) is replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    by_path = {tuple(str(k) for k in path): s for path, s in jax.tree_util.tree_leaves_with_path(
+        param_sh, is_leaf=lambda x: isinstance(x, NamedSharding))}
+
+    def pick(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for i in range(len(keys)):
+            s = by_path.get(keys[i:])
+            if s is not None and len(s.spec) <= len(leaf.shape):
+                return s
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
