@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from osdn_jax.activations import constrain_rows
+
 # Positions of each row whose logits exist at once (rows × LOSS_CHUNK × vocab fp32 floats).
 DEFAULT_LOSS_CHUNK = 256
 
@@ -38,12 +40,14 @@ def head_cross_entropy(model, features: jax.Array, targets: jax.Array, chunk: in
     B, T = targets.shape
     n = num_loss_chunks(T, chunk)
     if n == 1:
-        return optax.softmax_cross_entropy_with_integer_labels(model.head(features), targets)
+        return optax.softmax_cross_entropy_with_integer_labels(constrain_rows(model.head(features)),
+                                                               constrain_rows(targets))
     head, head_params = model.head_function()
 
     @jax.checkpoint
     def chunk_losses(params, x, y):  # x [B, T/n, hidden], y [B, T/n] -> [B, T/n]
-        return optax.softmax_cross_entropy_with_integer_labels(head(params, x), y)
+        return optax.softmax_cross_entropy_with_integer_labels(constrain_rows(head(params, constrain_rows(x))),
+                                                               constrain_rows(y))
 
     def body(carry, xy):
         return carry, chunk_losses(head_params, *xy)

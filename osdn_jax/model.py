@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from osdn_jax.activations import constrain_rows
 from osdn_jax.layer_stacks import convert_layout, layer_view, stack_blocks
 from osdn_jax.layers import RMSNorm, SwiGLU, annotated, dense, mlp_width
 from osdn_jax.mixers import (MIXERS, AnyMixerCache, AttentionConfig, DeltaNetConfig, GatedDeltaNetConfig,
@@ -217,6 +218,7 @@ class Block(nnx.Module):
                               dtype=dtype, param_dtype=pdtype)
 
     def __call__(self, x, segment_ids=None, cache=None, mode="forward"):
+        x = constrain_rows(x)
         h = self.mixer_norm(x)
         if mode == "forward":
             h, new_cache = self.mixer(h, segment_ids), None
@@ -224,10 +226,10 @@ class Block(nnx.Module):
             h, new_cache = self.mixer.prefill(h, segment_ids, cache)
         else:
             h, new_cache = self.mixer.step(h, cache)
-        x = x + h
+        x = x + constrain_rows(h)
         if hasattr(self, "mlp"):
-            x = x + self.mlp(self.mlp_norm(x))
-        return x, new_cache
+            x = x + constrain_rows(self.mlp(self.mlp_norm(x)))
+        return constrain_rows(x), new_cache
 
 
 def check_tokens(name: str, tokens, vocab_size: int, rank: int, layout: str) -> None:
@@ -299,7 +301,7 @@ class CausalLM(nnx.Module):
         raise IndexError(f"layer {index} of a model with {self.config.num_layers} layers")
 
     def _run(self, tokens, segment_ids, caches, mode, head=True):
-        x = self.embed(tokens)
+        x = constrain_rows(self.embed(tokens))
         new = []
         if mode == "forward" and self.config.scan_layers:
             scan = _SCAN_REMAT if self.config.remat else _SCAN
@@ -314,7 +316,7 @@ class CausalLM(nnx.Module):
                 else:
                     x, c = block(x, segment_ids, cache, mode)
                 new.append(c)
-        x = self.norm(x)
+        x = constrain_rows(self.norm(x))
         logits = self.head(x) if head else x
         return logits, (None if mode == "forward" else ModelCache(tuple(new)))
 

@@ -212,3 +212,26 @@ def test_parameters_saved_in_one_layout_restore_into_the_other(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, restore_params(tmp_path / "scanned", unrolled, unrolled_cfg), unrolled)
     with pytest.raises(ValueError, match="model.init_from: .*unrolled does not hold this model's parameters"):
         restore_params(tmp_path / "unrolled", scanned)
+
+
+def _fsdp_step(*args):
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parent / "fsdp_check.py"
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+                         cwd=script.parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp_step_keeps_activations_sharded_by_rows():
+    """On a (data=1, fsdp=8, context=1) mesh the step gathers parameters, never whole-batch
+    activations (``osdn_jax.activations``). Without the constraints XLA's partitioner all-reduces
+    ``[B, T, ...]`` activations of the whole batch on every device and plans more temporaries."""
+    pinned, plain = _fsdp_step(), _fsdp_step("plain")
+    assert pinned["whole_batch_collectives"] == [], pinned
+    assert plain["whole_batch_collectives"], plain  # the check has teeth
+    assert pinned["temp"] < 0.6 * plain["temp"], (pinned["temp"], plain["temp"])
