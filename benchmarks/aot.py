@@ -43,6 +43,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -386,35 +387,64 @@ def step_compile(c, preset, rows, devs, vocab=32000, seq_len=SEQ_LEN, impl="auto
                            out_shardings=(shardings[0], shardings[1], None))
 
 
+def refused_bytes(error: Exception) -> float | None:
+    """The memory a refused compile said it needed (TPU: "the total memory required for HLO
+    temporaries (23.76G) exceeds available HBM"): a lower bound on its peak, in bytes; None where
+    ``error`` is not such a refusal."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    m = re.search(r"required for [^(]*\(([0-9.]+)([KMGT])\)", text)
+    if m is None:
+        return float("inf")
+    return float(m.group(1)) * 1024 ** " KMGT".index(m.group(2))
+
+
 def largest_batch(peak_of, budget: float, limit: int = 1024) -> tuple[int, dict]:
-    """The most rows per device whose compiled peak fits ``budget``: a line through the two nearest
-    compiles guesses the boundary (memory grows about linearly with the rows), bisection closes on
-    it. ``peak_of(rows)`` → bytes. Typically four compiles."""
+    """The most rows per device whose compiled peak fits ``budget``. Memory grows about linearly with
+    the rows, so a line through the compiles guesses the boundary (from 1 and 4 rows, then through
+    the closest fitting and failing counts), and the count next to the guess is compiled too, which
+    settles it when the line was right; where it was not, the next guess is the midpoint.
+    ``peak_of(rows)`` → bytes. Typically four compiles."""
     seen = {}
 
     def fits(b):
-        seen[b] = peak_of(b)
-        print(f"  rows {b}: peak {seen[b] / GiB:.2f} GiB", file=sys.stderr, flush=True)
+        if b not in seen:
+            seen[b] = peak_of(b)
+            print(f"  rows {b}: peak {seen[b] / GiB:.2f} GiB", file=sys.stderr, flush=True)
         return seen[b] <= budget
 
     if not fits(1):
         return 0, seen
-    lo, hi, b = 1, None, 4
-    while True:
+    lo, hi, width_before = 1, None, None
+    if fits(4):
+        lo = 4
+    else:
+        hi = 4
+    while hi is None or hi - lo > 1:
+        if hi is None:  # the local slope: through the two largest counts that fit
+            below = max(x for x in seen if x < lo)
+            slope = (seen[lo] - seen[below]) / (lo - below)
+            b = min(max(lo + int((budget - seen[lo]) // slope) if slope > 0 else 2 * lo, lo + 1), limit)
+        else:
+            slope = (seen[hi] - seen[lo]) / (hi - lo)
+            b = min(max(lo + int((budget - seen[lo]) // slope), lo + 1), hi - 1)
+            if width_before is not None and hi - lo > width_before / 2:  # the line did not halve it
+                b = (lo + hi) // 2
+        width_before = None if hi is None else hi - lo
         if fits(b):
             lo = b
+            if hi is None and b >= limit:
+                return lo, seen
+            neighbour = b + 1
         else:
-            hi = b
-        if hi is not None and hi - lo <= 1:
-            return lo, seen
-        if hi is None and lo >= limit:
-            return lo, seen
-        near = sorted(sorted(seen, key=lambda x: abs(x - lo))[:2])
-        slope = (seen[near[1]] - seen[near[0]]) / (near[1] - near[0])
-        guess = lo + int((budget - seen[lo]) // slope) if slope > 0 else 2 * lo
-        b = min(max(guess, lo + 1), (hi - 1) if hi is not None else limit)
-        if hi is not None and b in seen:
-            b = (lo + hi) // 2
+            hi, neighbour = b, b - 1
+        if lo < neighbour < (hi if hi is not None else limit + 1):
+            if fits(neighbour):
+                lo = neighbour
+            else:
+                hi = neighbour
+    return lo, seen
 
 
 def train_rows(c, args) -> list[dict]:
@@ -439,13 +469,22 @@ def train_rows(c, args) -> list[dict]:
                     cache = {}
 
                     def peak(b):
-                        cache[b] = step_compile(c, preset, b, devs, impl=args.impl)
+                        try:
+                            cache[b] = step_compile(c, preset, b, devs, impl=args.impl)
+                        except Exception as e:  # TPU compilers refuse a program that does not fit
+                            if (needed := refused_bytes(e)) is None:
+                                raise
+                            return needed
                         return cache[b].peak
 
                     rows_fit, tried = largest_batch(peak, budget)
-                    result = cache.get(rows_fit) or cache[1]
-                row.update(rows_per_device=rows_fit, tried={str(k): v for k, v in tried.items()},
-                           **summary(result, args.top))
+                    result = cache.get(rows_fit) or cache.get(1)
+                row.update(rows_per_device=rows_fit, tried={str(k): v for k, v in tried.items()})
+                if result is None:  # not even one row compiled
+                    print_train_row(row)
+                    rows.append(row)
+                    continue
+                row.update(summary(result, args.top))
                 timed_rows = max(rows_fit, 1)
                 _, _, _, _, cfg = train_program(preset, 1, devs[:1], vocab=512 if args.quick else 32000,
                                                 seq_len=seq_len)
@@ -541,14 +580,17 @@ def print_train_header(c, fraction: float, seq_len: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _needs(peak: float) -> str:
+    return "more than the chip has" if peak == float("inf") else f"at least {peak / GiB:.1f} GiB"
+
+
 def print_train_row(r: dict) -> None:
     if "error" in r:
         print(f"| {r['preset']} | {r.get('impl', 'auto')} | {r['devices']} | n/a: {r['error']} | | | | | | | | | |",
               flush=True)
         return
     if r["rows_per_device"] == 0:
-        one = r["tried"].get("1")
-        print(f"| {r['preset']} | {r.get('impl', 'auto')} | {r['devices']} | 0 (1 row needs {one / GiB:.1f} GiB) "
+        print(f"| {r['preset']} | {r.get('impl', 'auto')} | {r['devices']} | 0 (1 row needs {_needs(r['tried']['1'])}) "
               "| | | | | | | | | |", flush=True)
         return
     print(f"| {r['preset']} | {r.get('impl', 'auto')} | {r['devices']} | {r['rows_per_device']} | "
@@ -657,6 +699,38 @@ def print_summary(rows: list[dict], fraction: float) -> None:
                     ratio = f"{r['seconds'] / peer['seconds']:.1f} ({t})"
             if any(c != "-" for c in cells):
                 print(f"| {op} | {path} | " + " | ".join(cells) + f" | {ratio} |")
+    shapes = [list(x) for x in OP_SHAPES]
+    print(f"\nevery shape on {first}, forward+backward: predicted ms (x jax-linear-attention's Mosaic kernels) and HBM "
+          "bytes per token (x the minimum)")
+    print("| op | path | " + " | ".join(f"B, T, H, K = {', '.join(map(str, s))} | bytes/token" for s in shapes) + " |")
+    print("|---|---|" + "---|---|" * len(shapes))
+    for op in OPS:
+        for path in ("chunked", "triton", "mosaic", "jla-mosaic", "jla-chunked"):
+            cells = []
+            for s in shapes:
+                r = next((x for x in ops_ if x["target"] == first and x["op"] == op and x["path"] == path
+                          and x["mode"] == "fwd+bwd" and x["shape"] == s), None)
+                if r is None:
+                    cells += ["-", "-"]
+                    continue
+                peer = None if path == "jla-mosaic" else _jla_peer(ops_, r)
+                cells += [_ms(r["seconds"]) + (f" ({r['seconds'] / peer['seconds']:.1f})" if peer else ""),
+                          f"{r['hbm_bytes'] / (s[0] * s[1]):,.0f} ({r['hbm_bytes'] / r['memory']['io']:.1f})"]
+            if any(c != "-" for c in cells):
+                print(f"| {op} | {path} | " + " | ".join(cells) + " |")
+    print(f"\nfp32 / HIGHEST products in the default path (chunked), forward+backward, B, T, H, K = {shape}: "
+          "their FLOPs, the time they alone take at the chip's fp32 (GPU CUDA cores) or 6-pass bf16 (TPU) "
+          "rate, and the share of the predicted time spent in compute-bound fp32 products")
+    print("| op | chip | predicted ms | fp32 GFLOP | fp32 products alone ms | share of the time |")
+    print("|---|---|---|---|---|---|")
+    for op in ("deltanet", "osdn"):
+        for t in targets:
+            r = next((x for x in ops_ if x["target"] == t and x["op"] == op and x["path"] == "chunked"
+                      and x["mode"] == "fwd+bwd" and x["shape"] == shape), None)
+            if r is not None:
+                fp32 = sum(v for k, v in r["flops"].items() if k in ("fp32", "bf16_6x"))
+                print(f"| {op} | {t} | {_ms(r['seconds'])} | {fp32 / 1e9:,.1f} | {_ms(r['fp32_product_seconds'])} "
+                      f"| {r['fp32_share']:.0%} |")
     train = [r for r in rows if r["kind"] == "train"]
     if train:
         print(f"\ntraining steps (T = {train[0]['seq_len']}, remat, scanned layers; most rows per device with a peak "
@@ -666,7 +740,7 @@ def print_summary(rows: list[dict], fraction: float) -> None:
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in train:
             if "error" in r or not r.get("rows_per_device"):
-                why = r.get("error") or f"1 row needs {r['tried']['1'] / GiB:.1f} GiB"
+                why = r.get("error") or f"1 row needs {_needs(r['tried']['1'])}"
                 print(f"| {r['preset']} | {r['target']} | {r.get('impl', 'auto')} | {r['devices']} | 0 ({why}) "
                       "| | | | | |")
                 continue

@@ -69,3 +69,24 @@ def test_largest_batch_search():
         rows, seen = largest_batch(peak, 71.2e9)
         assert rows == expected and len(seen) <= most_compiles, (rows, sorted(seen))
         assert all(peak(b) <= 71.2e9 for b in seen if b <= rows) and (rows == 1024 or peak(rows + 1) > 71.2e9)
+
+
+def test_a_compile_the_tpu_refuses_counts_as_not_fitting():
+    """A TPU compiler refuses a program larger than the chip (RESOURCE_EXHAUSTED) instead of
+    planning it; the search reads the size it names as that count's peak (a lower bound) and goes
+    on, and anything else is not mistaken for a refusal."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from aot import largest_batch, refused_bytes
+
+    refusal = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "({:.2f}G) exceeds available HBM (15.75G).")
+    assert refused_bytes(RuntimeError(refusal.format(23.76))) == pytest.approx(23.76 * 2**30)
+    assert refused_bytes(RuntimeError("RESOURCE_EXHAUSTED: out of memory")) == float("inf")
+    assert refused_bytes(ValueError("shapes do not match")) is None
+
+    def peak(b):  # 3 GiB a row; the compiler refuses from 5 rows on
+        need = 3 * 2**30 * b
+        return need if b < 5 else refused_bytes(RuntimeError(refusal.format(need / 2**30)))
+
+    assert largest_batch(peak, 14.2 * 2**30)[0] == 4
+    assert largest_batch(lambda b: refused_bytes(RuntimeError(refusal.format(23.76))), 14.2 * 2**30)[0] == 0

@@ -462,6 +462,12 @@ class Program:
                 cls = dot_class(self.platform, [a.dtype], "highest", None)
                 flops[cls] = flops.get(cls, 0.0) + float(batch) * m * m * n  # m²n/2 multiply-adds
             return ""
+        if target == "InvertDiagBlocksLowerTriangular":  # TPU: the solve's b × b diagonal blocks inverted
+            out = inst.arrays()[0]
+            b = out.dims[-1]
+            cls = dot_class(self.platform, [out.dtype], "highest", None)
+            flops[cls] = flops.get(cls, 0.0) + math.prod(out.dims[:-2]) * b**3 / 3  # b³/3 per triangular inverse
+            return ""
         if "gemm" in target or "matmul" in target:
             return self._gemm_flops(inst, comp, flops)
         if self._pallas_flops is not None and ("triton" in target or "mosaic" in target):
