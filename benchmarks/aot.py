@@ -53,6 +53,7 @@ OP_SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (8, 4096, 8, 64))  # B, T, 
 QUICK_OP_SHAPE = (1, 256, 2, 64)
 QUICK_SEQ_LEN = 128
 OPS = ("deltanet", "gdn", "osdn", "os-gdn")
+PATHS = ("chunked", "triton", "mosaic", "jla-mosaic", "jla-chunked")
 TRAIN_PRESETS = ("deltanet-340m", "gdn-340m", "osdn-340m", "deltanet-1.3b", "gdn-1.3b", "osdn-1.3b")
 SEQ_LEN = 4096
 GiB = 2**30
@@ -83,9 +84,13 @@ def main(argv=None) -> int:
     ap.add_argument("--what", nargs="+", choices=("ops", "train"), default=["ops", "train"])
     ap.add_argument("--devices", nargs="+", type=int, choices=(1, 8), default=[1, 8], help="train-step meshes")
     ap.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS))
+    ap.add_argument("--rows", type=int, help="train steps: compile this many rows per device instead of searching "
+                    "for the most that fit")
     ap.add_argument("--impl", choices=("auto", "pallas"), default="auto",
                     help="the delta-rule path of the train step (pallas: the kernels, GPU targets)")
     ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    ap.add_argument("--paths", nargs="+", choices=PATHS, help="op paths (default: every one the target runs)")
+    ap.add_argument("--shapes", nargs="+", type=_shape, help="op shapes as B,T,H,K (default: the GPU suite's)")
     ap.add_argument("--memory-fraction", type=float, default=0.9,
                     help="share of the chip memory a step may plan to use (0.9; JAX preallocates 0.75 on a GPU "
                          "unless XLA_PYTHON_CLIENT_MEM_FRACTION says more)")
@@ -119,6 +124,16 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
     return status
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,T,H,K (four positive integers), got {text!r}")
+    return shape
 
 
 def run_child(target: str, argv: list[str], out: pathlib.Path) -> int:
@@ -252,7 +267,9 @@ def summary(result: Compiled, top: int) -> dict:
 
     r = result.roof
     return dict(memory=result.memory, flops=r.flops, matmul_flops=r.matmul_flops, hbm_bytes=r.hbm_bytes,
-                launches=r.launches, seconds=r.seconds, comm_seconds=r.comm_seconds, fp32_share=r.fp32_share,
+                launches=r.launches, dynamic_launches=r.dynamic_launches, seconds=r.seconds,
+                launch_seconds=r.seconds_with_launches,
+                comm_seconds=r.comm_seconds, fp32_share=r.fp32_share,
                 fp32_product_seconds=r.fp32_product_seconds, compile_seconds=result.seconds,
                 notes=r.notes + r.uncounted(),
                 top=[dict(kernel=label(k.kernel, 80), launches=k.kernel.count, seconds=k.seconds, bound=k.bound,
@@ -330,9 +347,9 @@ def op_rows(c, args) -> list[dict]:
 
     dev = devices(c, 1)[0]
     arch = None if c.platform != "gpu" else f"sm_{c.gpu.compute_capability[0]}0"
-    shapes = [QUICK_OP_SHAPE] if args.quick else list(OP_SHAPES)
+    shapes = [QUICK_OP_SHAPE] if args.quick else list(args.shapes or OP_SHAPES)
     ops_ = ["osdn"] if args.quick else args.ops
-    paths = ["chunked"] if args.quick else op_paths(c)
+    paths = ["chunked"] if args.quick else [p for p in op_paths(c) if not args.paths or p in args.paths]
     rows = []
     for shape in shapes:
         for op in ops_:
@@ -462,9 +479,10 @@ def train_rows(c, args) -> list[dict]:
                        seq_len=seq_len, impl=args.impl,
                        budget=budget, memory_fraction=args.memory_fraction)
             try:
-                if args.quick:  # a fixed batch: the check is that the step compiles and reads
-                    rows_fit, tried = 2, {}
-                    result = step_compile(c, preset, 2, devs, vocab=512, seq_len=seq_len)
+                if args.quick or args.rows:  # a fixed batch
+                    rows_fit, tried = (2 if args.quick else args.rows), {}
+                    result = step_compile(c, preset, rows_fit, devs, vocab=512 if args.quick else 32000,
+                                          seq_len=seq_len, impl=args.impl)
                 else:
                     cache = {}
 
@@ -555,29 +573,33 @@ def _ms(s: float) -> str:
 def print_op_header(c) -> None:
     print(f"\nops on one {c.title} (predicted: compiled, not run); bf16 inputs, 'may' preset for OSDN")
     print("| op | path | B, T, H, K | mode | peak MiB | matmul GFLOP | HBM GB | bytes/token | × min | launches "
-          "| fp32 products ms | fp32 share | roofline ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fp32 products ms | fp32 share | roofline ms | with launches ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def print_op_row(r: dict) -> None:
     shape = ", ".join(str(s) for s in r["shape"])
     if "error" in r:
-        print(f"| {r['op']} | {r['path']} | {shape} | {r['mode']} | n/a: {r['error']} | | | | | | | | |", flush=True)
+        print(f"| {r['op']} | {r['path']} | {shape} | {r['mode']} | n/a: {r['error']} | | | | | | | | | |", flush=True)
         return
     B, T = r["shape"][:2]
     mem = r["memory"]
     print(f"| {r['op']} | {r['path']} | {shape} | {r['mode']} | {mem['peak'] / 2**20:,.0f} | "
           f"{r['matmul_flops'] / 1e9:,.1f} | {r['hbm_bytes'] / 1e9:.2f} | {r['hbm_bytes'] / (B * T):,.0f} | "
           f"{r['hbm_bytes'] / mem['io']:.1f} | {r['launches']:,} | {_ms(r['fp32_product_seconds'])} | "
-          f"{r['fp32_share']:.0%} | {_ms(r['seconds'])} |", flush=True)
+          f"{r['fp32_share']:.0%} | {_ms(r['seconds'])} | {_launch_ms(r)} |", flush=True)
+
+
+def _launch_ms(r: dict) -> str:
+    return _ms(r["launch_seconds"]) if "launch_seconds" in r else "-"
 
 
 def print_train_header(c, fraction: float, seq_len: int) -> None:
     print(f"\ntraining step on {c.title} (predicted: compiled, not run): T = {seq_len}, remat, scanned layers, "
           f"chunked loss, AdamW; fits = peak <= {fraction:.2f} x {c.hbm_bytes / GiB:.1f} GiB")
     print("| preset | path | devices | rows/device | peak GiB | step TFLOP | HBM GB | launches | fp32 share | link ms "
-          "| step ms | tokens/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| step ms | tokens/s | MFU | step ms with launches |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _needs(peak: float) -> str:
@@ -586,18 +608,19 @@ def _needs(peak: float) -> str:
 
 def print_train_row(r: dict) -> None:
     if "error" in r:
-        print(f"| {r['preset']} | {r.get('impl', 'auto')} | {r['devices']} | n/a: {r['error']} | | | | | | | | | |",
+        print(f"| {r['preset']} | {r.get('impl', 'auto')} | {r['devices']} | n/a: {r['error']} | | | | | | | | | | |",
               flush=True)
         return
     if r["rows_per_device"] == 0:
         print(f"| {r['preset']} | {r.get('impl', 'auto')} | {r['devices']} | 0 (1 row needs {_needs(r['tried']['1'])}) "
-              "| | | | | | | | | |", flush=True)
+              "| | | | | | | | | | |", flush=True)
         return
     print(f"| {r['preset']} | {r.get('impl', 'auto')} | {r['devices']} | {r['rows_per_device']} | "
           f"{r['memory']['peak'] / GiB:.1f} | "
           f"{r['matmul_flops'] / 1e12:,.1f} | {r['hbm_bytes'] / 1e9:,.0f} | {r['launches']:,} | "
           f"{r['fp32_share']:.0%} | "
-          f"{_ms(r['comm_seconds'])} | {_ms(r['seconds'])} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} |", flush=True)
+          f"{_ms(r['comm_seconds'])} | {_ms(r['seconds'])} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+          f"{_launch_ms(r)} |", flush=True)
 
 
 def print_top(rows: list[dict]) -> None:
@@ -669,7 +692,7 @@ def print_summary(rows: list[dict], fraction: float) -> None:
     print("| op | path | fwd bytes/token | fwd × min | fwd × jla | f+b bytes/token | f+b × min | f+b × jla |")
     print("|---|---|---|---|---|---|---|---|")
     for op in OPS:
-        for path in ("chunked", "triton", "mosaic", "jla-mosaic", "jla-chunked"):
+        for path in PATHS:
             cells = []
             for mode in ("fwd", "fwd+bwd"):
                 r = next((x for x in ops_ if x["target"] == first and x["op"] == op and x["path"] == path
@@ -688,7 +711,7 @@ def print_summary(rows: list[dict], fraction: float) -> None:
     print("| op | path | " + " | ".join(targets) + " | × jla |")
     print("|---|---|" + "---|" * len(targets) + "---|")
     for op in OPS:
-        for path in ("chunked", "triton", "mosaic", "jla-mosaic", "jla-chunked"):
+        for path in PATHS:
             cells, ratio = [], "-"
             for t in targets:
                 r = next((x for x in ops_ if x["target"] == t and x["op"] == op and x["path"] == path
@@ -705,7 +728,7 @@ def print_summary(rows: list[dict], fraction: float) -> None:
     print("| op | path | " + " | ".join(f"B, T, H, K = {', '.join(map(str, s))} | bytes/token" for s in shapes) + " |")
     print("|---|---|" + "---|---|" * len(shapes))
     for op in OPS:
-        for path in ("chunked", "triton", "mosaic", "jla-mosaic", "jla-chunked"):
+        for path in PATHS:
             cells = []
             for s in shapes:
                 r = next((x for x in ops_ if x["target"] == first and x["op"] == op and x["path"] == path

@@ -154,3 +154,33 @@ def format_strength_table(result: dict, title: str = "write strength by position
         rows.append("learned d0: " + "; ".join(f"layer {r['layer']} mean {r['mean']:.3f} [{r['min']:.3f}, "
                                                f"{r['max']:.3f}]" for r in result["d0"]))
     return "\n".join(rows)
+
+
+def clip_activity(model: CausalLM, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
+                  chunk_size: int = 64) -> list[dict] | None:
+    """Per OSDN layer: how often the clip of the preconditioner is active on ``tokens [B, T]``, read
+    as the chunked phase 1 sees it (``osdn_jax.ops.preconditioner_chunked``): ``chunks`` is the
+    share of chunks that run token by token (any row or head with an active clip), ``lanes`` the
+    share of (row, head, chunk) triples with one. None when the model has no OSDN layer."""
+    from osdn_jax.ops.preconditioner_chunked import clipped_chunks
+
+    check_tokens("tokens", tokens, model.config.vocab_size, 2, "[B, T]")
+    x = model.embed(tokens)
+    out = []
+    for i in range(model.config.num_layers):
+        block = model.layer(i)
+        mixer = block.mixer
+        if hasattr(mixer, "d0"):
+            cfg = mixer.config
+            _, _, k, _, beta, gates = mixer._inputs(block.mixer_norm(x).astype(mixer.dtype), segment_ids, None)
+            k = k.astype(jnp.float32)
+            beta = beta if cfg.beta_aware else None
+            d = mixer._write_scale(k, beta, gates, segment_ids)
+            d_min, d_max = cfg.clip_range
+            flags = clipped_chunks(k, d, eta=cfg.step_size, d_min=d_min, d_max=d_max,
+                                   log_gamma=gates.get("log_gamma"), beta=beta, segment_ids=segment_ids,
+                                   chunk_size=chunk_size)  # [N, B, H]
+            out.append({"layer": i, "chunks": float(jnp.mean(jnp.any(flags, axis=(1, 2)))),
+                        "lanes": float(jnp.mean(flags))})
+        x, _ = block(x, segment_ids)
+    return out or None

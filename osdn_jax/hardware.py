@@ -61,6 +61,8 @@ class Chip:
     source: str
     gpu: GpuFacts | None = None
     topology: str | None = None  # TPU: the smallest slice get_topology_desc accepts ("v5e:2x2")
+    launch_s: float = 0.0  # least time one kernel launch takes (LAUNCH_SOURCE); 0: not modelled
+
 
     def peak(self, precision_class: str) -> float:
         return self.peaks[precision_class]
@@ -72,6 +74,16 @@ class Chip:
 
 def _gpu(bf16, tf32, fp32):
     return {"bf16": bf16 * 1e12, "tf32": tf32 * 1e12, "fp32": fp32 * 1e12}
+
+
+# A GPU kernel launched from the host (XLA without CUDA graphs) costs a few microseconds however
+# little it does: our calibration row (jax-linear-attention's Mosaic GDN forward+backward, 31 kernels,
+# published 0.121 ms against a 0.056 ms roofline: 2.1 µs a launch) and CUDA.jl's documentation (80
+# small kernels: 260 µs launched one by one, ~3.3 µs each; 70 µs as one CUDA graph). A TPU runs the
+# whole program on the chip with no host launch per fusion; no public per-fusion figure, so none.
+GPU_LAUNCH_S = 2e-6
+LAUNCH_SOURCE = ("GPU: 2 µs a kernel launch (this tool's calibration against jax-linear-attention's published "
+                 "H100 time, 2.1 µs; CUDA.jl docs, ~3.3 µs without CUDA graphs); TPU: not modelled")
 
 
 def _tpu(bf16):
@@ -88,14 +100,15 @@ _AMPERE = GpuFacts((8, 0), core_count=108, fpus_per_core=64, clock_rate_ghz=1.41
 CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("h100", "H100 SXM 80 GB", device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
          kinds=("h100 80gb hbm3", "h100 sxm"), peaks=_gpu(989, 494, 67), hbm_bytes=84_942_979_072,
-         hbm_bandwidth=3.35e12, link_bandwidth=450e9, vector=67e12, source=_NVIDIA_H, gpu=_HOPPER),
+         hbm_bandwidth=3.35e12, link_bandwidth=450e9, vector=67e12, source=_NVIDIA_H, gpu=_HOPPER,
+         launch_s=GPU_LAUNCH_S),
     Chip("h200", "H200 SXM 141 GB", device_kind="NVIDIA H200", platform="gpu", kinds=("h200",),
          peaks=_gpu(989, 494, 67), hbm_bytes=151_397_597_184, hbm_bandwidth=4.8e12, link_bandwidth=450e9,
-         vector=67e12, source=_NVIDIA_H, gpu=_HOPPER),
+         vector=67e12, source=_NVIDIA_H, gpu=_HOPPER, launch_s=GPU_LAUNCH_S),
     Chip("a100", "A100 SXM 80 GB", device_kind="NVIDIA A100-SXM4-80GB", platform="gpu",
          kinds=("a100-sxm4-80gb", "a100 sxm4 80gb", "a100-sxm"), peaks=_gpu(312, 156, 19.5),
          hbm_bytes=85_100_068_864, hbm_bandwidth=2.039e12, link_bandwidth=300e9, vector=19.5e12, source=_NVIDIA_A,
-         gpu=_AMPERE),
+         gpu=_AMPERE, launch_s=GPU_LAUNCH_S),
     Chip("v5e", "TPU v5e", device_kind="TPU v5 lite", platform="tpu", kinds=("v5 lite", "v5e", "v5litepod"),
          peaks=_tpu(197), hbm_bytes=16 * 2**30, hbm_bandwidth=819e9, link_bandwidth=200e9, vector=None,
          source="Cloud TPU documentation, TPU v5e", topology="v5e:2x2"),
@@ -105,16 +118,17 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
     # Not compile targets here (no target description), but known to MFU: the PCIe / NVL boards.
     Chip("h100-pcie", "H100 PCIe 80 GB", device_kind="NVIDIA H100 PCIe", platform="gpu", kinds=("h100 pcie",),
          peaks=_gpu(756, 378, 51), hbm_bytes=80 * 10**9, hbm_bandwidth=2.0e12, link_bandwidth=300e9, vector=51e12,
-         source=_NVIDIA_H),
+         source=_NVIDIA_H, launch_s=GPU_LAUNCH_S),
     Chip("h100-nvl", "H100 NVL 94 GB", device_kind="NVIDIA H100 NVL", platform="gpu", kinds=("h100 nvl",),
          peaks=_gpu(835, 418, 60), hbm_bytes=94 * 10**9, hbm_bandwidth=3.9e12, link_bandwidth=300e9, vector=60e12,
-         source=_NVIDIA_H),
+         source=_NVIDIA_H, launch_s=GPU_LAUNCH_S),
     Chip("h200-nvl", "H200 NVL 141 GB", device_kind="NVIDIA H200 NVL", platform="gpu", kinds=("h200 nvl",),
          peaks=_gpu(835, 418, 60), hbm_bytes=141 * 10**9, hbm_bandwidth=4.8e12, link_bandwidth=450e9, vector=60e12,
-         source=_NVIDIA_H),
+         source=_NVIDIA_H, launch_s=GPU_LAUNCH_S),
     Chip("a100-pcie", "A100 PCIe 80 GB", device_kind="NVIDIA A100 80GB PCIe", platform="gpu",
          kinds=("a100 80gb pcie", "a100-pcie"), peaks=_gpu(312, 156, 19.5), hbm_bytes=80 * 10**9,
-         hbm_bandwidth=1.935e12, link_bandwidth=300e9, vector=19.5e12, source=_NVIDIA_A),
+         hbm_bandwidth=1.935e12, link_bandwidth=300e9, vector=19.5e12, source=_NVIDIA_A,
+         launch_s=GPU_LAUNCH_S),
 )}
 TARGETS = ("h100", "h200", "a100", "v5e", "v6e")  # what benchmarks/aot.py compiles for
 
@@ -142,4 +156,5 @@ def chip_for_kind(device_kind: str) -> Chip | None:
     return None
 
 
-__all__ = ["CHIPS", "GPU_CLASSES", "TARGETS", "TPU_CLASSES", "Chip", "GpuFacts", "chip", "chip_for_kind"]
+__all__ = ["CHIPS", "GPU_CLASSES", "GPU_LAUNCH_S", "LAUNCH_SOURCE", "TARGETS", "TPU_CLASSES", "Chip", "GpuFacts", "chip",
+           "chip_for_kind"]

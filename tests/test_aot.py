@@ -38,7 +38,9 @@ def test_compiles_ops_and_a_train_step_for_a_chip_that_is_not_here(target, tmp_p
         assert r["seconds"] > 0 and r["hbm_bytes"] > m["io"] and r["top"], r
     assert fb["memory"]["peak"] > fwd["memory"]["peak"]
     assert 2.0 < fb["matmul_flops"] / fwd["matmul_flops"] < 4.0  # the backward costs about twice the forward
-    assert fwd["launches"] > T  # phase 1's token loop: T trips (read off the loop on a TPU)
+    # phase 1 runs in chunks for a GPU or TPU (not T launches of a token loop); its fallback passes,
+    # whose trips depend on where the clip is active, are counted apart
+    assert fwd["launches"] < T and 0 < fwd["dynamic_launches"] < fwd["launches"], fwd
     [step] = [r for r in rows if r["kind"] == "train"]
     assert "error" not in step and step["rows_per_device"] == 2, step
     assert step["memory"]["peak"] > step["memory"]["arguments"] > 0

@@ -98,3 +98,11 @@ def test_lm_recall_ratio_smoke(tmp_path):
     assert len(rows) == 2, out.stdout  # the loss / ratio table and the write-strength table
     assert rows[1].split("|")[-2].strip() == "1.000"  # d0 after 2 steps of apr-d1: still ~1
     assert (tmp_path / "lm-strength.png").stat().st_size > 0 and (tmp_path / "lm-summary.json").is_file()
+
+
+def test_phase1_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "phase1.py"), "--smoke"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("| may", "| apr"))]
+    assert len(rows) == 3 and all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows), out.stdout

@@ -277,3 +277,23 @@ ENTRY %main (x: f32[64], k: s32[]) -> f32[64] {
     assert any("conditional" in n for n in program.notes) and not any("trip count" in n for n in program.notes)
     r = roofline(program, hardware.chip("v5e"))
     assert r.comm_seconds == pytest.approx(768 / 200e9)
+
+
+def test_loops_whose_trip_count_depends_on_the_data_are_marked():
+    """A ``while_loop`` bounded by an input: its body counts one trip and is marked dynamic (the
+    roofline's ``dynamic_launches``); a scan's body is not."""
+    from osdn_jax.hardware import chip
+    from osdn_jax.perf.roofline import roofline
+
+    def f(x, n):
+        y = jax.lax.scan(lambda c, _: (jnp.tanh(c * 1.5 + 1.0), None), x, None, length=5)[0]
+        return jax.lax.while_loop(lambda s: s[0] < n, lambda s: (s[0] + 1, jnp.sin(s[1]) * 2.0), (0, y))[1]
+
+    program = Program(_compiled(f, S((64, 64), jnp.float32), S((), jnp.int32)).as_text(), "gpu")
+    assert any(k.dynamic for k in program.kernels) and any(k.count == 5 and not k.dynamic for k in program.kernels)
+    assert any("without a known trip count" in n for n in program.notes)
+    r = roofline(program, chip("h100"))
+    assert 0 < r.dynamic_launches < r.launches
+    assert r.dynamic_launches == sum(k.count for k in program.kernels if k.dynamic)
+    # every launch of these tiny kernels takes the GPU launch latency (2 µs), which the plain roofline leaves out
+    assert r.seconds < r.launches * hardware.GPU_LAUNCH_S == pytest.approx(r.seconds_with_launches)

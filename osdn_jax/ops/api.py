@@ -41,6 +41,7 @@ from osdn_jax.kernels.partition import run_partitioned
 from osdn_jax.ops import checks, context
 from osdn_jax.ops.chunked import delta_rule_chunked
 from osdn_jax.ops.preconditioner import preconditioner_scan
+from osdn_jax.ops.preconditioner_chunked import PHASE1_CHUNK, preconditioner_chunked
 from osdn_jax.ops.reference import PreconditionerConfig, delta_rule_reference, osdn_reference
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
@@ -48,7 +49,8 @@ IMPLS = ("auto", "reference", "chunked", "pallas")
 _delta_rule_reference = jax.jit(delta_rule_reference, static_argnames=("scale",))
 _delta_rule_chunked = jax.jit(delta_rule_chunked, static_argnames=("scale", "chunk_size"))
 _osdn_reference = jax.jit(osdn_reference, static_argnames=("precond", "scale"))
-_preconditioner = jax.jit(preconditioner_scan, static_argnames=("eta", "d_min", "d_max"))
+_preconditioner_reference = jax.jit(preconditioner_scan, static_argnames=("eta", "d_min", "d_max"))
+_preconditioner_chunked = jax.jit(preconditioner_chunked, static_argnames=("eta", "d_min", "d_max", "chunk_size"))
 
 # Operand layouts for the mesh partitioning of the kernels (b: batch, h: heads).
 _LAYOUTS = dict(q="bthk", k="bthk", v="bthk", beta="bth", write_key="bthk", log_decay="bth", log_gamma="bth",
@@ -107,18 +109,32 @@ def _context_call(fn, args: dict, out_layouts, *, path: str, cp, **statics):
     return context.run_sharded(fn, args, _LAYOUTS, out_layouts, T=args["k"].shape[1], mesh=mesh, batch=batch)
 
 
+def phase1_in_chunks(impl: str) -> bool:
+    """Whether a path without the phase-1 kernel runs phase 1 in chunks (``preconditioner_chunked``)
+    or token by token (``preconditioner_scan``): in chunks for ``impl="chunked"``, and for ``"auto"``
+    when compiling for a GPU or TPU, where every token of the scan costs kernel launches. A CPU runs
+    the scan's steps without launches and its triangular solves slowly, so ``"auto"`` keeps the scan
+    there (3–5× faster for T = 4096 on the CI machine: ``benchmarks/phase1.py``)."""
+    if impl != "auto":
+        return impl == "chunked"
+    device = jax.config.jax_default_device  # set when compiling for a device that is not the default
+    platform = getattr(device, "platform", device) or jax.default_backend()
+    return platform != "cpu"
+
+
 def _osdn_chunked_fn(q, k, v, beta, d0, *, precond, log_gamma=None, log_decay=None, scale, initial_state=None,
-                     initial_d=None, segment_ids=None, chunk_size=64):
-    """Phase 1 (the d trajectory by scan), then the chunked phase 2 with write key d ⊙ k (fp32)."""
-    d, d_final = preconditioner_scan(k, d0, eta=precond.eta, d_min=precond.d_min, d_max=precond.d_max,
-                                     log_gamma=log_gamma, beta=beta if precond.beta_aware else None,
-                                     segment_ids=segment_ids, initial_d=initial_d)
+                     initial_d=None, segment_ids=None, chunk_size=64, phase1_chunks=True):
+    """Phase 1 (in chunks, or token by token where ``phase1_in_chunks`` says so), then the chunked
+    phase 2 with write key d ⊙ k (fp32)."""
+    phase1 = preconditioner_chunked if phase1_chunks else preconditioner_scan
+    d, d_final = phase1(k, d0, eta=precond.eta, d_min=precond.d_min, d_max=precond.d_max, log_gamma=log_gamma,
+                        beta=beta if precond.beta_aware else None, segment_ids=segment_ids, initial_d=initial_d)
     o, S = delta_rule_chunked(q, k, v, beta, write_key=d * k.astype(jnp.float32), log_decay=log_decay, scale=scale,
                               initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
     return o, S, d_final
 
 
-_osdn_chunked = jax.jit(_osdn_chunked_fn, static_argnames=("precond", "scale", "chunk_size"))
+_osdn_chunked = jax.jit(_osdn_chunked_fn, static_argnames=("precond", "scale", "chunk_size", "phase1_chunks"))
 
 
 # "auto" picks the kernels only for the (family, GPU generation, operand dtype) triples that passed
@@ -210,15 +226,18 @@ def delta_rule(q, k, v, beta, *, write_key=None, log_decay=None, scale=None, ini
 
 
 def osdn_preconditioner(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, segment_ids=None,
-                        initial_d=None, impl="auto"):
+                        initial_d=None, impl="auto", chunk_size=PHASE1_CHUNK):
     """Phase 1 of OSDN: the trajectory ``d [B, T, H, K]`` (fp32; ``d[:, t]`` is the value used for
     the write at token t) and the final ``d [B, H, K]`` (after the last token's update).
 
     ``log_gamma`` turns on APF (γ = exp(log_gamma)); passing ``beta`` selects the β-aware
     hypergradient ``β(1 − β⟨d, k²⟩)k²``, otherwise the code form ``(1 − ⟨d, k²⟩)k²``.
     ``d_min``/``d_max`` may be None (no clip on that side). ``d`` restarts at ``d0`` at each
-    document start of ``segment_ids``. ``impl``: ``"pallas"`` runs the phase-1 kernel, every other
-    choice the ``lax.scan`` (it is the reference, and the chunked path's phase 1).
+    document start of ``segment_ids``. ``impl``: ``"reference"`` runs the ``lax.scan`` token by
+    token (the oracle), ``"chunked"`` the chunkwise form (``chunk_size`` tokens per serial step; the
+    chunks where the clip is active are redone token by token, so both agree to fp32 rounding),
+    ``"pallas"`` the phase-1 kernel; ``"auto"`` the kernel where verified on a GPU, else chunks on
+    a GPU or TPU and the scan on a CPU (``phase1_in_chunks``).
     """
     if not hasattr(k, "ndim") or k.ndim != 4:
         checks.fail("k", "a rank-4 array [B, T, H, K]", k)
@@ -229,6 +248,7 @@ def osdn_preconditioner(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, 
     checks.check_optional("beta", beta, (B, T, H), "[B, T, H]")
     checks.check_segment_ids(segment_ids, B, T)
     checks.check_state("initial_d", initial_d, (B, H, K), "[B, H, K]")
+    checks.check_chunk_size(chunk_size)
     cfg = _precond_config(eta, d_min, d_max, beta is not None)
     path = _choose_impl(impl, pallas_preconditioner.supported(K))
     kwargs = dict(eta=cfg.eta, d_min=cfg.d_min, d_max=cfg.d_max, log_gamma=log_gamma, beta=beta,
@@ -237,10 +257,13 @@ def osdn_preconditioner(k, d0, *, eta, d_min, d_max, log_gamma=None, beta=None, 
     if cp is not None:
         args = dict(k=k, d0=d0, log_gamma=log_gamma, beta=beta, segment_ids=segment_ids, initial_d=initial_d)
         return _context_call(context.preconditioner, args, ("bthk", "pbhk"), path=path, cp=cp, eta=cfg.eta,
-                             d_min=cfg.d_min, d_max=cfg.d_max)
+                             d_min=cfg.d_min, d_max=cfg.d_max, phase1_chunk_size=chunk_size,
+                             phase1_chunks=phase1_in_chunks(impl))
     if path == "pallas":
         return _preconditioner_pallas(k, d0, target=kernel_config.current_target(), **kwargs)
-    return _preconditioner(k, d0, **kwargs)
+    if path == "reference" or not phase1_in_chunks(impl):
+        return _preconditioner_reference(k, d0, **kwargs)
+    return _preconditioner_chunked(k, d0, chunk_size=chunk_size, **kwargs)
 
 
 def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=False, log_decay=None,
@@ -269,14 +292,16 @@ def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, log_gamma=None, beta_aware=Fal
                     initial_state=initial_state, initial_d=initial_d, segment_ids=segment_ids)
         o, S, d_final = _context_call(context.osdn, args, ("bthv", "pbhkv", "pbhk"), path=path, cp=cp, eta=cfg.eta,
                                       d_min=cfg.d_min, d_max=cfg.d_max, beta_aware=cfg.beta_aware, scale=scale,
-                                      chunk_size=chunk_size, precision=precision)
+                                      chunk_size=chunk_size, precision=precision,
+                                      phase1_chunks=phase1_in_chunks(impl))
     elif path == "reference":
         o, S, d_final, _ = _osdn_reference(q, k, v, beta, d0, **kwargs)
     elif path == "pallas":
         o, S, d_final = _osdn_pallas(q, k, v, beta, d0, chunk_size=chunk_size, precision=precision,
                                      target=kernel_config.current_target(), **kwargs)
     else:
-        o, S, d_final = _osdn_chunked(q, k, v, beta, d0, chunk_size=chunk_size, **kwargs)
+        o, S, d_final = _osdn_chunked(q, k, v, beta, d0, chunk_size=chunk_size, phase1_chunks=phase1_in_chunks(impl),
+                                      **kwargs)
     if not output_final_state:
         return o, None, None
     return o, S, d_final

@@ -17,10 +17,10 @@ gathered and combined from the last device to the first, giving each device the 
 ``S_out``, and the local backward runs with it.
 
 **Phase 1, OSDN's d.** The clipped update is not affine, so d is relayed: P − 1 rounds in which every
-device runs its slice's scan from the d it holds and sends the result to the next device; after
+device runs its slice's phase 1 from the d it holds and sends the result to the next device; after
 round r the first r + 1 devices hold their exact incoming d. The backward relays the cotangent of d
-the other way. The serial depth is T steps of an ``[H, K]`` update, as on one device; that scan is
-tiny next to phase 2.
+the other way. Each slice runs the chunked phase 1 (``preconditioner_chunked``: L/C serial steps,
+chunks with an active clip token by token) or the phase-1 kernel.
 
 **Documents** (``segment_ids``): a device whose first token starts a new document (its id differs
 from the previous device's last token) enters with ``S = 0`` and ``d = d0``; documents may span
@@ -43,6 +43,7 @@ from osdn_jax.kernels import preconditioner as pallas_preconditioner
 from osdn_jax.kernels.config import Target
 from osdn_jax.ops.chunked import delta_rule_chunked, match_varying, transition_summary
 from osdn_jax.ops.preconditioner import preconditioner_scan
+from osdn_jax.ops.preconditioner_chunked import PHASE1_CHUNK, preconditioner_chunked
 
 CONTEXT_AXIS = "context"
 _HI = lax.Precision.HIGHEST
@@ -192,6 +193,8 @@ class _Phase1:
     d_max: float | None
     kernels: bool
     target: Target | None
+    chunk_size: int = PHASE1_CHUNK
+    chunks: bool = True  # without the kernel: phase 1 in chunks (else the token scan)
 
 
 def _phase1_local(st: _Phase1, k, d0, d_in, log_gamma, beta, *, segment_ids, starts):
@@ -201,6 +204,8 @@ def _phase1_local(st: _Phase1, k, d0, d_in, log_gamma, beta, *, segment_ids, sta
                   segment_ids=segment_ids, initial_d=d_in)
     if st.kernels:
         return pallas_preconditioner.preconditioner_pallas(k, d0, target=st.target, **kwargs)
+    if st.chunks:
+        return preconditioner_chunked(k, d0, chunk_size=st.chunk_size, **kwargs)
     return preconditioner_scan(k, d0, **kwargs)
 
 
@@ -240,16 +245,18 @@ _preconditioner_cp.defvjp(_preconditioner_cp_fwd, _preconditioner_cp_bwd)
 
 
 def preconditioner(k, d0, *, eta, d_min, d_max, axis_name: str = CONTEXT_AXIS, log_gamma=None, beta=None,
-                   segment_ids=None, initial_d=None, impl="chunked", target=None):
+                   segment_ids=None, initial_d=None, impl="chunked", target=None, phase1_chunk_size=PHASE1_CHUNK,
+                   phase1_chunks=True):
     """OSDN's phase 1 on this device's slice (inside ``jax.shard_map``, time split over ``axis_name``).
 
     Per device ``k [B, L, H, K]``, ``log_gamma, beta [B, L, H]``, ``segment_ids [B, L]``; ``d0 [H, K]``
     and ``initial_d [B, H, K]`` (device 0's entry d; default d0) whole. Returns the trajectory
     ``d [B, L, H, K]`` and the d after this device's last token ``[B, H, K]`` (fp32).
-    ``impl``: ``"pallas"`` runs the phase-1 kernel per slice, ``"chunked"`` the scan.
+    ``impl``: ``"pallas"`` runs the phase-1 kernel per slice, ``"chunked"`` the chunkwise form with
+    ``phase1_chunk_size`` tokens per serial step (the token scan where ``phase1_chunks`` is False).
     """
     B, L, H, K = k.shape
-    st = _Phase1(axis_name, float(eta), d_min, d_max, _local_impl(impl), target)
+    st = _Phase1(axis_name, float(eta), d_min, d_max, _local_impl(impl), target, phase1_chunk_size, phase1_chunks)
     d_start = (jnp.broadcast_to(d0.astype(f32), (B, H, K)) if initial_d is None else initial_d.astype(f32))
     d0, d_start = match_varying(d0, k), match_varying(d_start, k)
     return _preconditioner_cp(st, k, d0, d_start, log_gamma, beta, segment_ids)
@@ -257,13 +264,13 @@ def preconditioner(k, d0, *, eta, d_min, d_max, axis_name: str = CONTEXT_AXIS, l
 
 def osdn(q, k, v, beta, d0, *, eta, d_min, d_max, axis_name: str = CONTEXT_AXIS, log_gamma=None,
          beta_aware=False, log_decay=None, scale=None, initial_state=None, initial_d=None, segment_ids=None,
-         chunk_size=64, impl="chunked", precision=None, target=None):
+         chunk_size=64, impl="chunked", precision=None, target=None, phase1_chunks=True):
     """OSDN (both phases) on this device's slice: the relayed d, then the delta rule with write key
     ``d ⊙ k``. Shapes as in ``delta_rule`` and ``preconditioner``; returns ``(o [B, L, H, V], S_out
     [B, H, K, V], d_out [B, H, K])`` for this device (the sequence's final values on the last one)."""
     d, d_out = preconditioner(k, d0, eta=eta, d_min=d_min, d_max=d_max, axis_name=axis_name, log_gamma=log_gamma,
                               beta=beta if beta_aware else None, segment_ids=segment_ids, initial_d=initial_d,
-                              impl=impl, target=target)
+                              impl=impl, target=target, phase1_chunks=phase1_chunks)
     o, S_out = delta_rule(q, k, v, beta, axis_name=axis_name, write_key=d * k.astype(f32), log_decay=log_decay,
                           scale=scale, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
                           impl=impl, precision=precision, target=target)

@@ -217,6 +217,7 @@ class Kernel:
     bytes: float
     comm_bytes: float = 0.0  # collectives: bytes each device sends
     note: str = ""  # why the count is incomplete, where it is
+    dynamic: bool = False  # inside a loop whose trip count depends on the data: counted as one trip
 
     @property
     def matmul_flops(self) -> float:
@@ -311,9 +312,11 @@ class Program:
                 trips = trip_count(inst, comp, self.comps)
                 if trips is None:
                     self.notes.append(f"{inst.name}: while loop without a known trip count, counted once")
-                kernels += self._walk(self.comps[inst.attr("body").lstrip("%")], count * (trips or 1))
+                body = self._walk(self.comps[inst.attr("body").lstrip("%")], count * (trips or 1))
                 if trips is None:
+                    body = [dataclasses.replace(k, dynamic=True) for k in body]
                     kernels += self._walk(self.comps[inst.attr("condition").lstrip("%")], count)
+                kernels += body
             elif op in ("call", "async-start"):
                 target = inst.attr("to_apply") or inst.attr("calls")
                 kernels += self._walk(self.comps[target.lstrip("%")], count)

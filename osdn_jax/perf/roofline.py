@@ -10,6 +10,10 @@ assumed hidden behind computation (``max`` of the two sums). What it leaves out,
 higher: launch latency and serial dependence (a token-by-token loop of small kernels is latency
 bound; the launch count is reported beside the time), tiles that do not reach peak (no GEMM
 autotuning without a device), cache misses that re-read operands, and imperfect overlap.
+
+``seconds_with_launches`` adds the first of those: every launch takes at least the chip's
+``launch_s`` (``osdn_jax.hardware.LAUNCH_SOURCE``), i.e. the sum over kernels of
+``launches × max(roofline time of one launch, launch_s)``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ class Roofline:
         return max(sum(k.seconds for k in self.kernels if not k.kernel.comm_bytes), self.comm_seconds)
 
     @property
+    def seconds_with_launches(self) -> float:
+        """``seconds`` with every launch taking at least the chip's launch latency."""
+        lat = self.chip.launch_s
+        compute = sum(max(k.compute_s, k.memory_s, lat) * k.kernel.count for k in self.kernels
+                      if not k.kernel.comm_bytes)
+        return max(compute, self.comm_seconds)
+
+    @property
     def comm_seconds(self) -> float:
         return sum(k.kernel.comm_bytes * k.kernel.count for k in self.kernels) / self.chip.link_bandwidth
 
@@ -72,6 +84,12 @@ class Roofline:
     @property
     def launches(self) -> int:
         return sum(k.kernel.count for k in self.kernels)
+
+    @property
+    def dynamic_launches(self) -> int:
+        """The part of ``launches`` inside loops whose trip count depends on the data (counted as
+        one trip each; zero when such a loop does not run, more when it runs longer)."""
+        return sum(k.kernel.count for k in self.kernels if k.kernel.dynamic)
 
     @property
     def fp32_share(self) -> float:
