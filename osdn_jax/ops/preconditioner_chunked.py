@@ -40,19 +40,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from osdn_jax.ops.chunked import _from_chunks, _to_chunks, chunk_size_for, match_varying, unit_lower_inverse
-from osdn_jax.ops.preconditioner import clip
+from osdn_jax.ops.chunked import (_from_chunks, _masked_exp, _mm, _to_chunks, chunk_size_for, match_varying,
+                                  unit_lower_inverse)
+from osdn_jax.ops.preconditioner import precondition_step
 from osdn_jax.ops.segments import document_starts
 
-_HI = lax.Precision.HIGHEST
 f32 = jnp.float32
 # Tokens per chunk. Larger than phase 2's 64: the serial passes cost two small kernels and a few
 # slices per chunk on a GPU, and the [C, C] factors of a one-column state stay cheap (O(T·C·K) work).
 PHASE1_CHUNK = 128
-
-
-def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, a, b, precision=_HI)
 
 
 def preconditioner_chunked(
@@ -117,7 +113,7 @@ def _parts(st, k, lg, c, starts):
     doc = jnp.cumsum(starts.astype(jnp.int32), axis=-1) if has_docs else jnp.zeros(starts.shape, jnp.int32)
     same = doc[..., :, None] == doc[..., None, :]
     lower = jnp.tril(jnp.ones((C, C), bool), -1)
-    expm = lambda x, m: jnp.where(m, jnp.exp(jnp.where(m, x, 0.0)), 0.0)  # noqa: E731
+    expm = _masked_exp
     D = expm(G[..., :, None] - G_in[..., None, :], same & lower)
     carry = doc == 0
     alpha = jnp.where(carry, jnp.exp(G), 0.0)
@@ -150,16 +146,6 @@ def _chunk_values(st, d_in, d0, s, c, b, gamma, D, alpha, omega, u, W, next_star
     x = gamma[..., None] * traj + e[..., None] * s
     bad = jnp.any(_outside(x, st[1], st[2]), axis=-1) & ~next_starts
     return traj, x[..., -1, :], bad
-
-
-def _token_step(st, d, k_t, c_t, gamma_t):
-    """The clipped update of ``d [.., K]`` by one token (``preconditioner.precondition_step``)."""
-    eta, d_min, d_max, beta_aware = st[:4]
-    s = k_t * k_t
-    inner = jnp.sum(d * s, axis=-1, keepdims=True)
-    cc = c_t[..., None]
-    hyper = cc * (1.0 - cc * inner) * s if beta_aware else (1.0 - inner) * s
-    return clip(gamma_t[..., None] * d + eta * hyper, d_min, d_max)
 
 
 def _affine_pass(a, bias, W, S, x0, *, reverse=False):
@@ -211,7 +197,9 @@ def _trajectory_fwd(st, k, lg, c, starts, next_starts, d0, d_start):
             d_i = jnp.where(at(starts_n)[..., None], d0, d_i)
             tr = lax.dynamic_update_index_in_dim(tr, d_i, i, axis=-2)
             k_i = lax.dynamic_index_in_dim(k_n, i, axis=-2, keepdims=False)
-            return i + 1, _token_step(st, d_i, k_i, at(c_n), at(gamma_n)), tr
+            d_next = precondition_step(d_i, k_i, eta=eta, d_min=st[1], d_max=st[2], gamma=at(gamma_n),
+                                       beta=at(c_n) if st[3] else None)
+            return i + 1, d_next, tr
 
         d_i0 = lax.dynamic_index_in_dim(tr, jnp.minimum(i0, C - 1), axis=-2, keepdims=False)
         _, d_redo, tr = lax.while_loop(lambda z: z[0] < C, token, (i0, d_i0, tr))
