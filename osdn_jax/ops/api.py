@@ -114,7 +114,7 @@ def phase1_in_chunks(impl: str) -> bool:
     or token by token (``preconditioner_scan``): in chunks for ``impl="chunked"``, and for ``"auto"``
     when compiling for a GPU or TPU, where every token of the scan costs kernel launches. A CPU runs
     the scan's steps without launches and its triangular solves slowly, so ``"auto"`` keeps the scan
-    there (3–5× faster for T = 4096 on the CI machine: ``benchmarks/phase1.py``)."""
+    there (4–11× faster for T = 4096 on the CI machine: ``benchmarks/phase1.py``)."""
     if impl != "auto":
         return impl == "chunked"
     device = jax.config.jax_default_device  # set when compiling for a device that is not the default
