@@ -5,16 +5,20 @@ how often the clip sends the chunked form back to tokens.
    ``impl="reference"`` (the ``lax.scan``), timed in one process, interleaved, median of the
    repeats; random unit keys (the models' keys are L2-normalized), ``d0`` at the preset's value.
 2. With ``--runs DIR ...``: for each trained run, the share of chunks in which the clip is active on
-   held-out batches, per OSDN layer (``osdn_jax.diagnostics.clip_activity``): those chunks run token
-   by token.
+   held-out batches, per OSDN layer (``osdn_jax.diagnostics.clip_activity``), and the share of
+   tokens those chunks run one by one (from their first crossing on). ``--eval-seq-len`` packs the
+   held-out documents into longer rows than the run trained on (for example 4096, the papers'
+   context).
 
     python benchmarks/phase1.py
     python benchmarks/phase1.py --runs runs/tiny-osdn runs/tiny-osdn-may runs/tiny-osdn-apr-d1
+    python benchmarks/phase1.py --skip-timing --runs runs/tiny-osdn --eval-seq-len 4096 --batch 4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -67,24 +71,31 @@ def clip_in_runs(args) -> None:
     from osdn_jax.train.evaluate import load_run
 
     print(f"\nchunks with an active clip on held-out batches ({args.batches} batches), per OSDN layer: "
-          "'chunks' run token by token (any row or head), 'lanes' is the share of (row, head, chunk)")
-    print("| run | step | preset | layer | chunks | lanes |")
-    print("|---|---|---|---|---|---|")
+          "'chunks' run partly token by token (any row or head), 'tokens' is the share of tokens run "
+          "that way, 'lanes' the share of (row, head, chunk) with a crossing; a document's first step "
+          "is exact apart and does not count")
+    print("| run | step | preset | rows | layer | chunks | tokens | lanes |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         model, tokenizer, cfg, step = load_run(run)
+        data_cfg = cfg.data
+        if args.eval_seq_len:
+            data_cfg = dataclasses.replace(data_cfg, seq_len=args.eval_seq_len, batch_size=args.batch)
+        rows = f"{data_cfg.batch_size} x {data_cfg.seq_len}"
         per_layer: dict[int, list] = {}
-        for batch in data_lib.make_eval_batches(cfg.data, tokenizer, args.batches):
+        for batch in data_lib.make_eval_batches(data_cfg, tokenizer, args.batches):
             seg = batch.get("segment_ids")
             out = clip_activity(model, jnp.asarray(batch["inputs"]), None if seg is None else jnp.asarray(seg),
                                 chunk_size=args.chunk_size)
             for row in out or []:
-                per_layer.setdefault(row["layer"], []).append((row["chunks"], row["lanes"]))
+                per_layer.setdefault(row["layer"], []).append((row["chunks"], row["tokens"], row["lanes"]))
         if not per_layer:
-            print(f"| {run} | {step} | - | no OSDN layer | | |")
+            print(f"| {run} | {step} | - | {rows} | no OSDN layer | | | |")
         preset = model.layer(next(iter(per_layer))).mixer.config.preset if per_layer else "-"
         for layer, vals in sorted(per_layer.items()):
-            chunks, lanes = np.mean(vals, axis=0)
-            print(f"| {run} | {step} | {preset} | {layer} | {chunks:.0%} | {lanes:.1%} |", flush=True)
+            chunks, tokens, lanes = np.mean(vals, axis=0)
+            print(f"| {run} | {step} | {preset} | {rows} | {layer} | {chunks:.0%} | {tokens:.1%} | {lanes:.1%} |",
+                  flush=True)
 
 
 def main(argv=None) -> None:
@@ -98,11 +109,15 @@ def main(argv=None) -> None:
     ap.add_argument("--presets", nargs="+", default=["may", "apr", "apr-d1"])
     ap.add_argument("--runs", nargs="*", default=[], help="trained run directories to measure the clip on")
     ap.add_argument("--batches", type=int, default=4, help="held-out batches per run")
+    ap.add_argument("--eval-seq-len", type=int, default=0,
+                    help="held-out rows of this length (with --batch rows) instead of the run's")
+    ap.add_argument("--skip-timing", action="store_true", help="only the clip measurement of --runs")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.seq_len, args.batch, args.heads, args.dim, args.repeats, args.chunk_size = 256, 1, 2, 16, 2, 32
-    time_presets(args)
+    if not args.skip_timing:
+        time_presets(args)
     if args.runs:
         clip_in_runs(args)
 

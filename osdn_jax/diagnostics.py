@@ -160,9 +160,11 @@ def clip_activity(model: CausalLM, tokens: jax.Array, segment_ids: jax.Array | N
                   chunk_size: int = 64) -> list[dict] | None:
     """Per OSDN layer: how often the clip of the preconditioner is active on ``tokens [B, T]``, read
     as the chunked phase 1 sees it (``osdn_jax.ops.preconditioner_chunked``): ``chunks`` is the
-    share of chunks that run token by token (any row or head with an active clip), ``lanes`` the
-    share of (row, head, chunk) triples with one. None when the model has no OSDN layer."""
-    from osdn_jax.ops.preconditioner_chunked import clipped_chunks
+    share of chunks that run (in part) token by token (any row or head with an active clip),
+    ``tokens`` the share of tokens they run that way (from a chunk's first crossing to its end) and
+    ``lanes`` the share of (row, head, chunk) triples with one. A document's first step is taken
+    exactly apart and does not count. None when the model has no OSDN layer."""
+    from osdn_jax.ops.preconditioner_chunked import clip_crossings, redone_tokens
 
     check_tokens("tokens", tokens, model.config.vocab_size, 2, "[B, T]")
     x = model.embed(tokens)
@@ -177,10 +179,12 @@ def clip_activity(model: CausalLM, tokens: jax.Array, segment_ids: jax.Array | N
             beta = beta if cfg.beta_aware else None
             d = mixer._write_scale(k, beta, gates, segment_ids)
             d_min, d_max = cfg.clip_range
-            flags = clipped_chunks(k, d, eta=cfg.step_size, d_min=d_min, d_max=d_max,
-                                   log_gamma=gates.get("log_gamma"), beta=beta, segment_ids=segment_ids,
-                                   chunk_size=chunk_size)  # [N, B, H]
+            crossings = clip_crossings(k, d, eta=cfg.step_size, d_min=d_min, d_max=d_max,
+                                       log_gamma=gates.get("log_gamma"), beta=beta, segment_ids=segment_ids,
+                                       chunk_size=chunk_size)  # [N, B, H, C]
+            flags = jnp.any(crossings, axis=-1)
             out.append({"layer": i, "chunks": float(jnp.mean(jnp.any(flags, axis=(1, 2)))),
+                        "tokens": float(jnp.sum(redone_tokens(crossings))) / (crossings.shape[0] * crossings.shape[-1]),
                         "lanes": float(jnp.mean(flags))})
         x, _ = block(x, segment_ids)
     return out or None

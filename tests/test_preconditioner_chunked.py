@@ -84,6 +84,32 @@ def test_presets_with_the_clip_active_often_sometimes_never(variant, preset, key
         assert share == 0.0, share
 
 
+@pytest.mark.parametrize("variant, initial", [("osdn", False), ("os_gdn", True), ("osdn_apf", True)])
+def test_a_d0_outside_the_range_clips_only_at_first_steps_which_run_apart(variant, initial):
+    """'apr' with a trained-like d0 (some entries below d_min = 0): the clip acts at every document's
+    first step (and the row's, from initial_d) and nowhere else. Those steps are taken exactly apart,
+    so no chunk goes back to the token loop, and values and gradients still match the scan. Short
+    documents put starts at chunk edges, inside chunks and at the last token."""
+    p = get_preset("apr")
+    settings = dict(eta=p.eta, d_min=p.d_min, d_max=p.d_max)
+    case = make_case(variant, B=2, T=150, H=2, K=32, V=16, segments=True, initial_state=initial, seed=21)
+    a = dict(case.arrays)
+    a["d0"] = jax.random.uniform(jax.random.PRNGKey(5), a["d0"].shape, minval=-0.3, maxval=0.2)
+    if initial:
+        a["initial_d"] = jax.random.uniform(jax.random.PRNGKey(6), a["initial_d"].shape, minval=-0.3, maxval=0.5)
+    ids = jnp.cumsum(jnp.zeros((2, 150), jnp.int32).at[:, jnp.array([16, 17, 40, 64, 100, 149])].set(1), axis=1)
+    a["segment_ids"] = ids.at[1].set(jnp.cumsum((jnp.arange(150) % 37 == 36).astype(jnp.int32)))
+    kw = _kwargs(settings, a, case.kwargs["beta_aware"])
+    d, _ = preconditioner_scan(a["k"], a["d0"], **kw)
+    s = a["k"].astype(jnp.float32) ** 2
+    c = a["beta"] if case.kwargs["beta_aware"] else 1.0
+    hyper = (c * (1.0 - c * jnp.sum(d * s, axis=-1)))[..., None] * s
+    gamma = 1.0 if a.get("log_gamma") is None else jnp.exp(a["log_gamma"])[..., None]
+    assert bool(jnp.any(gamma * d + hyper < 0.0))  # the clip does act (at the first steps)
+    share = _compare(a, settings, case.kwargs["beta_aware"], 16, f"apr, d0 below d_min, {variant}")
+    assert share == 0.0, share
+
+
 def test_bf16_keys():
     case = make_case("osdn_apf", T=50, dtype=jnp.bfloat16, seed=3)
     _compare(case.arrays, OSDN_SETTINGS, False, 16, "bf16 keys")  # both compute in fp32 from bf16 values

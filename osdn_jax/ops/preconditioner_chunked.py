@@ -5,20 +5,25 @@ form, else 1, ``b = η c²``)::
 
     d_{t+1} = γ_t d_t + e_t s_t,     e_t = η c_t − b_t ⟨d_t, s_t⟩
 
-a gated delta rule on a one-column state. Inside a chunk of C tokens that enters with ``d_in``,
-with ``G_i = Σ_{m<i} log γ_m`` and ``D[i, j] = exp(G_i − G_{j+1})`` for ``j < i`` in the same
-document (else 0)::
+a gated delta rule on a one-column state. The first step of every document (and of the row) is taken
+apart, exactly and for all of them at once, clip included: ``R_p = clip(γ_p d0 + e_p s_p)`` at a
+document's first token p (``d_in``'s step at the row's token 0). A learned ``d0`` outside
+``[d_min, d_max]`` clips there: the ``apr`` preset's ``d_min = 0`` does on trained models, at every
+document start, and often nowhere else. The chunked recurrence restarts at p with ``R_p``, which it
+carries unchanged to token p + 1 (``k = 0`` and ``γ = 1`` there), and the trajectory keeps ``d0`` at p.
+In a chunk of C tokens that enters with ``d_in``, with ``G_i = Σ_{m<i} log γ_m``,
+``D[i, j] = exp(G_i − G_{j+1})`` for ``j < i`` in the same document (else 0), and
+``ω_i = exp(G_i − G_p)`` and ``R_(i) = R_p`` for the restart ``p`` of ``i``'s document in the chunk
+(0 before any)::
 
-    d_i = α_i d_in + ω_i d0 + Σ_j D[i, j] e_j s_j         α_i = exp(G_i) before any restart,
-                                                         ω_i = exp(G_i − G_p) after one at p
-    (I + A) e = η c − b ⊙ (α S d_in + ω S d0),          A = diag(b) (D ⊙ S Sᵀ), strictly lower
-    e = u − W d_in,   u = T (η c − b ω S d0),   W = T diag(b α) S,   T = (I + A)⁻¹
+    d_i = α_i d_in + ω_i R_(i) + Σ_j D[i, j] e_j s_j      α_i = exp(G_i) before any restart
+    (I + A) e = η c − b ⊙ S (α d_in + ω R),               A = diag(b) (D ⊙ S Sᵀ), strictly lower
+    e = u − W d_in,   u = T (η c − b ⊙ S ω R),   W = T diag(b α) S,   T = (I + A)⁻¹
 
 ``T``, ``u`` and ``W`` need no ``d_in``, so every chunk forms them at once; only the chunk-entry
 values go through a serial scan (two matrix-vector products per chunk). The trajectory is then one
-``[C, C] × [C, K]`` product per chunk, and every pre-clip value ``x_{i+1} = γ_i d_i + e_i s_i`` is
-checked against ``[d_min, d_max]`` (a value the next token's document restart discards does not
-count). Where one falls outside, the chunked result is not the recurrence's from that token on:
+``[C, C] × [C, K]`` product per chunk, and every other pre-clip value ``x_{i+1} = γ_i d_i + e_i s_i``
+is checked against ``[d_min, d_max]`` (a value the next token's restart replaces does not count). Where one falls outside, the chunked result is not the recurrence's from that token on:
 a second serial pass starts at the first such chunk and redoes, in each chunk that has one, the
 tokens from its first crossing one by one with the clip (the values before it are exact). The
 result equals the ``lax.scan`` reference (``preconditioner.preconditioner_scan``) to fp32 rounding.
@@ -29,7 +34,9 @@ The backward (``jax.custom_vjp``) saves the trajectory. With ``q_i`` the cotange
 trajectory's own cotangent), chunks without an active clip solve for ``f_i = ⟨s_i, q_i⟩`` with the
 transposed system, ``(I + Aᵀ) f = r``, and ``q = Dᵀ (ḡ − b f S) + τ h_outᵀ``; a reverse serial scan
 carries the chunk-entry cotangent and runs a chunk with an active clip token by token. Every
-input's cotangent then follows per token in parallel. Everything is fp32 at HIGHEST precision.
+input's cotangent then follows per token in parallel; at a first token ``q`` is the cotangent of its
+exact step's result and ``m`` that step's clip, and ``h`` goes to ``d0`` (``d_start`` at token 0).
+Everything is fp32 at HIGHEST precision.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from jax import lax
 
 from osdn_jax.ops.chunked import (_from_chunks, _masked_exp, _mm, _to_chunks, chunk_size_for, match_varying,
                                   unit_lower_inverse)
-from osdn_jax.ops.preconditioner import precondition_step
+from osdn_jax.ops.preconditioner import clip, precondition_step
 from osdn_jax.ops.segments import document_starts
 
 f32 = jnp.float32
@@ -74,43 +81,76 @@ def preconditioner_chunked(
     C = chunk_size_for(T, chunk_size)
     d0 = d0.astype(f32)
     d_start = jnp.broadcast_to(d0, (B, H, K)) if initial_d is None else initial_d.astype(f32)
-    lay = _layout(k, log_gamma, beta, segment_ids, C)
-    # static and hashable; without APF or documents, log γ and the restarts are constant zeros, and
-    # their cumulative sums are skipped (XLA would spend tens of seconds folding them)
-    settings = (float(eta), d_min, d_max, beta is not None, log_gamma is not None, segment_ids is not None)
-    d_c, d_final = _trajectory(settings, *lay, d0, d_start)
-    return _from_chunks(d_c, T), d_final
+    first = _first_tokens(B, T, segment_ids)
+    lay = _layout(k, log_gamma, beta, first, _unchecked(first), C)
+    # static and hashable; without APF, log γ is a constant zero and its cumulative sums are skipped
+    # (XLA would spend tens of seconds folding them)
+    settings = (float(eta), d_min, d_max, beta is not None, log_gamma is not None)
+    d_c, d_end = _trajectory(settings, *lay, d0, d_start)
+    return _from_chunks(d_c, T), d_end
 
 
-def _layout(k, log_gamma, beta, segment_ids, C):
+def _first_tokens(B, T, segment_ids):
+    """``[B, T]`` bool: token 0 and every document start, whose step the chunked phase 1 takes apart."""
+    row_start = (jnp.arange(T) == 0)[None, :]
+    first = row_start if segment_ids is None else row_start | document_starts(segment_ids)
+    # a barrier keeps XLA from folding the constant [B, T] pattern (and what it feeds) at compile time
+    return lax.optimization_barrier(jnp.broadcast_to(first, (B, T)))
+
+
+def _first_values(first, d0, d_start):
+    """``[N, B, H, C, K]``: the value ``d`` takes at a first token: ``d_start`` at token 0, else ``d0``."""
+    N, B, _, C = first.shape
+    row_start = (jnp.arange(N)[:, None] == 0) & (jnp.arange(C)[None, :] == 0)  # [N, C]
+    return jnp.where(row_start[:, None, None, :, None], d_start[None, :, :, None, :], d0[None, None, :, None, :])
+
+
+def _first_steps(st, k, lg, c, first, d0, d_start):
+    """The first step of every document and of the row, exact and all at once, clip included: the
+    value at a first token, ``x = γ d + η c (1 − c ⟨d, s⟩) s`` after it, and the clip's mask
+    (``[N, B, H, C, K]``, meaningful at first tokens)."""
+    eta = st[0]
+    s = k * k
+    d = _first_values(first, d0, d_start)
+    x = jnp.exp(lg)[..., None] * d + (eta * c * (1.0 - c * jnp.sum(d * s, axis=-1)))[..., None] * s
+    return d, x, ~_outside(x, st[1], st[2])
+
+
+def _unchecked(first):
+    """``[B, T]``: tokens whose pre-clip value ``x_{t+1}`` the clip check skips: a first token (its
+    step is taken exactly apart) and the token before one (the next value is the restart's)."""
+    return first | jnp.pad(first[:, 1:], ((0, 0), (0, 1)))
+
+
+def _layout(k, log_gamma, beta, starts, unchecked, C):
     """Chunked fp32 operands: ``k [N, B, H, C, K]``, ``lg, c [N, B, H, C]`` (log γ, and β or 1),
-    ``starts, next_starts [N, B, 1, C]`` (a document restarts at this token / at the next one)."""
+    ``starts [N, B, 1, C]`` (a first token: the chunked recurrence restarts here) and ``next_starts
+    [N, B, 1, C]`` (``unchecked``: the clip check skips this token)."""
     B, T, H, K = k.shape
     k_c = _to_chunks(k.astype(f32), C)
     lg = jnp.zeros((B, T, H), f32) if log_gamma is None else log_gamma.astype(f32)
     lg_c = _to_chunks(lg[..., None], C)[..., 0]
     c = jnp.ones((B, T, H), f32) if beta is None else beta.astype(f32)
     c_c = _to_chunks(c[..., None], C)[..., 0]  # padded tokens: k = 0 makes them inert
-    starts = jnp.zeros((B, T), bool) if segment_ids is None else document_starts(segment_ids)
-    nxt = jnp.pad(starts[:, 1:], ((0, 0), (0, 1)))
     chunked = lambda x: _to_chunks(x.astype(f32)[..., None, None], C)[..., 0] > 0.5  # noqa: E731
-    return k_c, lg_c, c_c, chunked(starts), chunked(nxt)
+    return k_c, lg_c, c_c, chunked(starts), chunked(unchecked)
 
 
-def _parts(st, k, lg, c, starts):
+def _parts(st, k, lg, c, starts, Tm=None):
     """Per chunk, in parallel: ``s = k²``, ``b = η c²``, ``γ``, ``D [.., C, C]``, ``α, ω [.., C]``
-    (weights of ``d_in`` and ``d0`` in ``d_i``), ``τ [.., C]`` (weight of ``e_j s_j`` in the chunk's
-    exit value) with ``α_C, ω_C``, and ``T = (I + A)⁻¹``."""
+    (weights of ``d_in`` and of the restart value in ``d_i``), ``τ [.., C]`` (weight of ``e_j s_j``
+    in the chunk's exit value) with ``α_C, ω_C``, and ``T = (I + A)⁻¹`` (unless given: the backward
+    reuses the forward's, which saves a triangular solve's kernels per call)."""
     eta = st[0]
     C = k.shape[-2]
     s = k * k
     b = eta * c * c
-    has_gamma, has_docs = st[4], st[5]
+    has_gamma = st[4]
     G_in = jnp.cumsum(lg, axis=-1) if has_gamma else lg  # Σ_{m ≤ i}
     G = G_in - lg  # Σ_{m < i}
     G_C = G_in[..., -1:]
     # [N, B, 1, C]: restarts so far in this chunk
-    doc = jnp.cumsum(starts.astype(jnp.int32), axis=-1) if has_docs else jnp.zeros(starts.shape, jnp.int32)
+    doc = jnp.cumsum(starts.astype(jnp.int32), axis=-1)
     same = doc[..., :, None] == doc[..., None, :]
     lower = jnp.tril(jnp.ones((C, C), bool), -1)
     expm = _masked_exp
@@ -123,8 +163,8 @@ def _parts(st, k, lg, c, starts):
     tau = expm(G_C - G_in, last)
     alpha_C = jnp.where(carry[..., -1], jnp.exp(G_C[..., 0]), 0.0)
     omega_C = jnp.sum(expm(G_C - G, last & starts), axis=-1)
-    A = b[..., :, None] * D * _mm("...ik,...jk->...ij", s, s)
-    Tm = unit_lower_inverse(A)
+    if Tm is None:
+        Tm = unit_lower_inverse(b[..., :, None] * D * _mm("...ik,...jk->...ij", s, s))
     return s, b, jnp.exp(lg), D, alpha, omega, tau, alpha_C, omega_C, Tm
 
 
@@ -137,11 +177,12 @@ def _outside(x, d_min, d_max):
     return out
 
 
-def _chunk_values(st, d_in, d0, s, c, b, gamma, D, alpha, omega, u, W, next_starts):
-    """One or all chunks from their entry values ``d_in [.., K]``: the trajectory ``[.., C, K]``,
+def _chunk_values(st, d_in, base, s, c, b, gamma, D, alpha, u, W, next_starts):
+    """One or all chunks from their entry values ``d_in [.., K]`` (``base = Ω R [.., C, K]``: the
+    restart values' part of the trajectory): the trajectory ``[.., C, K]``,
     the exit value (unclipped) and ``bad [.., C]``: where ``x_{i+1}`` leaves the clip range."""
     e = u - _mm("...ck,...k->...c", W, d_in)
-    traj = alpha[..., None] * d_in[..., None, :] + omega[..., None] * d0[:, None, :] \
+    traj = alpha[..., None] * d_in[..., None, :] + base \
         + _mm("...ij,...jk->...ik", D, e[..., None] * s)
     x = gamma[..., None] * traj + e[..., None] * s
     bad = jnp.any(_outside(x, st[1], st[2]), axis=-1) & ~next_starts
@@ -167,26 +208,39 @@ def _trajectory(st, k, lg, c, starts, next_starts, d0, d_start):
     return _trajectory_fwd(st, k, lg, c, starts, next_starts, d0, d_start)[0]
 
 
+def _inert(starts, k, lg):
+    """The chunked recurrence's keys and log γ: a first token's step is taken apart, so there it
+    carries its restart value unchanged (``k = 0``, ``γ = 1``)."""
+    return jnp.where(starts[..., None], 0.0, k), jnp.where(starts, 0.0, lg)
+
+
 def _trajectory_fwd(st, k, lg, c, starts, next_starts, d0, d_start):
     N, B, H, C, K = k.shape
     eta = st[0]
-    s, b, gamma, D, alpha, omega, tau, alpha_C, omega_C, Tm = _parts(st, k, lg, c, starts)
-    sd0 = _mm("nbhck,hk->nbhc", s, d0)
-    u = _mm("...ij,...j->...i", Tm, eta * c - b * omega * sd0)
+    # A first token's step, exact: the chunked recurrence restarts there at its result R.
+    d_first, x_first, _ = _first_steps(st, k, lg, c, starts, d0, d_start)
+    R = jnp.where(starts[..., None], clip(x_first, st[1], st[2]), 0.0)
+    k_sys, lg_sys = _inert(starts, k, lg)
+    s, b, gamma, D, alpha, omega, tau, alpha_C, omega_C, Tm = _parts(st, k_sys, lg_sys, c, starts)
+    # each token's restart value (that of its document's restart in this chunk; 0 before any)
+    R = jnp.take_along_axis(R, lax.cummax(jnp.where(starts, jnp.arange(C), 0), axis=3)[..., None], axis=3)
+    base = omega[..., None] * R
+    u = _mm("...ij,...j->...i", Tm, eta * c - b * jnp.sum(s * base, axis=-1))
     W = _mm("...ij,...jk->...ik", Tm, (b * alpha)[..., None] * s)
 
-    # Exit value of a chunk with no active clip: α_C d + ω_C d0 + Sᵀ (τ ⊙ (u − W d)).
-    bias = omega_C[..., None] * d0 + _mm("...c,...ck->...k", tau * u, s)
+    # Exit value of a chunk with no active clip: α_C d + ω_C R_last + Sᵀ (τ ⊙ (u − W d)).
+    bias = omega_C[..., None] * R[..., -1, :] + _mm("...c,...ck->...k", tau * u, s)
     d_end, d_in = _affine_pass(alpha_C, bias, tau[..., None] * W, s, d_start)
-    traj, _, bad = _chunk_values(st, d_in, d0, s, c, b, gamma, D, alpha, omega, u, W, next_starts)
+    traj, _, bad = _chunk_values(st, d_in, base, s, c, b, gamma, D, alpha, u, W, next_starts)
     bad_chunk = jnp.any(bad, axis=(1, 2, 3))  # [N]
-    first = jnp.where(jnp.any(bad_chunk), jnp.argmax(bad_chunk), N)
+    n0 = jnp.where(jnp.any(bad_chunk), jnp.argmax(bad_chunk), N)
 
     def careful(state):  # chunk n from its exact entry value; tokens from the first crossing one by one
         n, d, traj, _ = state
         pick = lambda x: lax.dynamic_index_in_dim(x, n, keepdims=False)  # noqa: E731
-        s_n, c_n, k_n, gamma_n, starts_n = pick(s), pick(c), pick(k), pick(gamma), pick(starts)
-        tr, x_end, bad_n = _chunk_values(st, d, d0, s_n, c_n, pick(b), gamma_n, pick(D), pick(alpha), pick(omega),
+        s_n, c_n, k_n, gamma_n, starts_n = pick(s), pick(c), pick(k_sys), pick(gamma), pick(starts)
+        R_n = pick(R)
+        tr, x_end, bad_n = _chunk_values(st, d, pick(base), s_n, c_n, pick(b), gamma_n, pick(D), pick(alpha),
                                          pick(u), pick(W), pick(next_starts))
         crossed = jnp.any(bad_n, axis=(0, 1))  # [C]
         i0 = jnp.where(jnp.any(crossed), jnp.argmax(crossed), C)
@@ -194,7 +248,7 @@ def _trajectory_fwd(st, k, lg, c, starts, next_starts, d0, d_start):
         def token(state):
             i, d_i, tr = state
             at = lambda x: lax.dynamic_index_in_dim(x, i, axis=-1, keepdims=False)  # noqa: E731
-            d_i = jnp.where(at(starts_n)[..., None], d0, d_i)
+            d_i = jnp.where(at(starts_n)[..., None], lax.dynamic_index_in_dim(R_n, i, axis=-2, keepdims=False), d_i)
             tr = lax.dynamic_update_index_in_dim(tr, d_i, i, axis=-2)
             k_i = lax.dynamic_index_in_dim(k_n, i, axis=-2, keepdims=False)
             d_next = precondition_step(d_i, k_i, eta=eta, d_min=st[1], d_max=st[2], gamma=at(gamma_n),
@@ -206,17 +260,19 @@ def _trajectory_fwd(st, k, lg, c, starts, next_starts, d0, d_start):
         d_next = jnp.where(i0 < C, d_redo, x_end)
         return n + 1, d_next, lax.dynamic_update_index_in_dim(traj, tr, n, 0), d_next
 
-    d_first = lax.dynamic_index_in_dim(d_in, jnp.minimum(first, N - 1), keepdims=False)
-    _, _, traj, d_end = lax.while_loop(lambda z: z[0] < N, careful, (first, d_first, traj, d_end))
-    return (traj, d_end), (k, lg, c, starts, next_starts, d0, traj)
+    d_n0 = lax.dynamic_index_in_dim(d_in, jnp.minimum(n0, N - 1), keepdims=False)
+    _, _, traj, d_end = lax.while_loop(lambda z: z[0] < N, careful, (n0, d_n0, traj, d_end))
+    traj = jnp.where(starts[..., None], d_first, traj)
+    return (traj, d_end), (k, lg, c, starts, next_starts, d0, d_start, traj, Tm)
 
 
 def _trajectory_bwd(st, res, cotangents):
     eta, d_min, d_max, beta_aware = st[:4]
-    k, lg, c, starts, next_starts, d0, traj = res
-    g_traj, g_end = cotangents
+    k, lg, c, starts, next_starts, d0, d_start, traj, Tm = res
+    g_out, g_end = cotangents
+    g_traj = jnp.where(starts[..., None], 0.0, g_out)  # the recurrence's part; first tokens come last
     N, B, H, C, K = k.shape
-    s, b, gamma, D, alpha, omega, tau, alpha_C, omega_C, Tm = _parts(st, k, lg, c, starts)
+    s, b, gamma, D, alpha, omega, tau, alpha_C, omega_C, Tm = _parts(st, *_inert(starts, k, lg), c, starts, Tm)
 
     inner = jnp.sum(traj * s, axis=-1)
     e = eta * c - b * inner
@@ -274,11 +330,18 @@ def _trajectory_bwd(st, res, cotangents):
     q = _mm("...ji,...jk->...ik", D, g_traj - (b * f)[..., None] * s) + tau[..., None] * h_outs[..., None, :]
     q = jnp.where(clipped_chunk[:, None, None, None, None], Q, q)
 
-    # Per token: gx = m q; ∂d_i = γ gx − b ⟨gx, s⟩ s + ḡ (to d0 at a restart); ∂s, ∂γ, ∂c.
-    gx = jnp.where(m, q, 0.0)
+    # Per token: gx = m q; ∂d_i = γ gx − b ⟨gx, s⟩ s + ḡ; ∂s, ∂γ, ∂c. At a first token q is the
+    # cotangent of its exact step's result (the restart value carried to the next token), m that
+    # step's clip, and ∂d_i goes to d0 (to d_start at token 0).
+    _, _, m_first = _first_steps(st, k, lg, c, starts, d0, d_start)
+    gx = jnp.where(jnp.where(starts[..., None], m_first, m), q, 0.0)
+    s, gamma = k * k, jnp.exp(lg)
+    inner = jnp.sum(traj * s, axis=-1)
     gx_s = jnp.sum(gx * s, axis=-1)
-    h = gamma[..., None] * gx - (b * gx_s)[..., None] * s + g_traj
-    dd0 = jnp.sum(jnp.where(starts[..., None], h, 0.0), axis=(0, 1, 3))
+    h = gamma[..., None] * gx - (b * gx_s)[..., None] * s + g_out
+    row_start = (jnp.arange(N)[:, None] == 0) & (jnp.arange(C)[None, :] == 0)  # [N, C]
+    dd0 = jnp.sum(jnp.where(starts[..., None] & ~row_start[:, None, None, :, None], h, 0.0), axis=(0, 1, 3))
+    dd_start = dd_start + h[0, :, :, 0, :]
     ds = eta * (c * (1.0 - c * inner))[..., None] * gx - (eta * c * c * gx_s)[..., None] * traj \
         if beta_aware else eta * ((1.0 - inner)[..., None] * gx - gx_s[..., None] * traj)
     dk = 2.0 * k * ds
@@ -292,14 +355,32 @@ _trajectory.defvjp(_trajectory_fwd, _trajectory_bwd)
 
 def clipped_chunks(k, d, *, eta, d_min, d_max, log_gamma=None, beta=None, segment_ids=None, chunk_size=64):
     """``[N, B, H]`` bool: the chunks (per row and head) in which the clip is active, i.e. those the
-    chunked phase 1 redoes token by token (a chunk runs that way when any row or head has one).
+    chunked phase 1 redoes token by token (a chunk runs that way when any row or head has one). The
+    first step of a document (or of the row) does not count: it is taken exactly apart.
     ``d [B, T, H, K]`` is the trajectory of ``k``, ``N = ceil(T / C)``."""
-    T = k.shape[1]
+    return jnp.any(clip_crossings(k, d, eta=eta, d_min=d_min, d_max=d_max, log_gamma=log_gamma, beta=beta,
+                                  segment_ids=segment_ids, chunk_size=chunk_size), axis=-1)
+
+
+def redone_tokens(crossings):
+    """``[N]`` int: the tokens each chunk runs one by one, from its first crossing in any row or head
+    to its end, for ``crossings [N, B, H, C]`` from ``clip_crossings``."""
+    C = crossings.shape[-1]
+    crossed = jnp.any(crossings, axis=(1, 2))  # [N, C]
+    return jnp.where(jnp.any(crossed, axis=-1), C - jnp.argmax(crossed, axis=-1), 0)
+
+
+def clip_crossings(k, d, *, eta, d_min, d_max, log_gamma=None, beta=None, segment_ids=None, chunk_size=64):
+    """``[N, B, H, C]`` bool: the tokens whose step the clip changes, as the chunked phase 1 checks
+    them (a document's first step, taken exactly apart, does not count; padding is False)."""
+    B, T = k.shape[:2]
     C = chunk_size_for(T, chunk_size)
-    k_c, lg, c, _, next_starts = _layout(k, log_gamma, beta, segment_ids, C)
+    first = (jnp.arange(T) == 0)[None, :] | (False if segment_ids is None else document_starts(segment_ids))
+    first = jnp.broadcast_to(first, (B, T))
+    k_c, lg, c, _, unchecked = _layout(k, log_gamma, beta, first, _unchecked(first), C)
     d_c = _to_chunks(d.astype(f32), C)
     s = k_c * k_c
     e = eta * c - eta * c * c * jnp.sum(d_c * s, axis=-1)
     x = jnp.exp(lg)[..., None] * d_c + e[..., None] * s
     real = (jnp.arange(d_c.shape[0] * C) < T).reshape(-1, 1, 1, C)  # padded tokens hold d = 0 here
-    return jnp.any(jnp.any(_outside(x, d_min, d_max), axis=-1) & ~next_starts & real, axis=-1)
+    return jnp.any(_outside(x, d_min, d_max), axis=-1) & ~unchecked & real
