@@ -375,8 +375,7 @@ def clip_crossings(k, d, *, eta, d_min, d_max, log_gamma=None, beta=None, segmen
     them (a document's first step, taken exactly apart, does not count; padding is False)."""
     B, T = k.shape[:2]
     C = chunk_size_for(T, chunk_size)
-    first = (jnp.arange(T) == 0)[None, :] | (False if segment_ids is None else document_starts(segment_ids))
-    first = jnp.broadcast_to(first, (B, T))
+    first = _first_tokens(B, T, segment_ids)
     k_c, lg, c, _, unchecked = _layout(k, log_gamma, beta, first, _unchecked(first), C)
     d_c = _to_chunks(d.astype(f32), C)
     s = k_c * k_c
